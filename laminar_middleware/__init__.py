@@ -1,0 +1,56 @@
+"""Connect one trace across Python services with Laminar's `X-Laminar-Span-Context` header.
+
+Importing this package needs only OpenTelemetry: the framework and client adapters are
+loaded when first used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from .codec import HEADER_NAME, LaminarSpanContext
+from .context import (
+    continue_trace,
+    deserialize_span_context,
+    extract,
+    inject,
+    serialize_span_context,
+)
+from .propagator import LaminarPropagator
+
+if TYPE_CHECKING:  # the lazily loaded names, for type checkers
+    pass
+
+__all__ = [
+    "HEADER_NAME",
+    "LaminarPropagator",
+    "LaminarSpanContext",
+    "__version__",
+    "continue_trace",
+    "deserialize_span_context",
+    "extract",
+    "inject",
+    "serialize_span_context",
+]
+
+# Names whose modules import a framework or client: loaded on first access.
+_LAZY: dict[str, str] = {
+    "LaminarASGIMiddleware": ".asgi",
+    "LaminarWSGIMiddleware": ".wsgi",
+    "instrument_httpx": ".httpx",
+    "uninstrument_httpx": ".httpx",
+    "instrument_requests": ".requests",
+    "uninstrument_requests": ".requests",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'laminar_middleware' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value

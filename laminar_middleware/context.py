@@ -1,0 +1,245 @@
+"""`LaminarSpanContext` <-> OpenTelemetry: parents, Laminar attributes, carriers.
+
+The codec knows the wire; this module knows OpenTelemetry. Both the inbound middlewares and
+the outbound hooks build on the functions here, and so do users with queues and databases:
+`serialize_span_context` / `deserialize_span_context`, `inject` / `extract`, and
+`continue_trace`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Final
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    TraceFlags,
+    Tracer,
+    TracerProvider,
+)
+from opentelemetry.util.types import AttributeValue
+
+from .codec import HEADER_NAME, HEADER_NAME_ALIAS, LaminarSpanContext, format_uuid, thaw
+
+__all__ = [
+    "ASSOCIATION_PREFIX",
+    "METADATA_PREFIX",
+    "PARENT_SPAN_IDS_PATH",
+    "PARENT_SPAN_PATH",
+    "SPAN_IDS_PATH",
+    "SPAN_PATH",
+    "association_attributes",
+    "continue_trace",
+    "deserialize_span_context",
+    "extract",
+    "get_tracer",
+    "inject",
+    "parent_attributes",
+    "remote_parent_context",
+    "serialize_span_context",
+    "set_path_attributes",
+    "span_context_of",
+]
+
+# Laminar's span attributes (lmnr.opentelemetry_lib.tracing.attributes).
+SPAN_PATH: Final = "lmnr.span.path"
+SPAN_IDS_PATH: Final = "lmnr.span.ids_path"
+PARENT_SPAN_PATH: Final = "lmnr.span.parent_path"
+PARENT_SPAN_IDS_PATH: Final = "lmnr.span.parent_ids_path"
+ASSOCIATION_PREFIX: Final = "lmnr.association.properties."
+USER_ID: Final = ASSOCIATION_PREFIX + "user_id"
+SESSION_ID: Final = ASSOCIATION_PREFIX + "session_id"
+TRACE_TYPE: Final = ASSOCIATION_PREFIX + "trace_type"
+METADATA_PREFIX: Final = ASSOCIATION_PREFIX + "metadata."
+
+INSTRUMENTATION_NAME: Final = "laminar_middleware"
+_LOWER_NAMES: Final = (HEADER_NAME.lower(), HEADER_NAME_ALIAS)
+
+_tracers: dict[int, Tracer] = {}
+
+
+def get_tracer(tracer_provider: TracerProvider | None = None) -> Tracer:
+    """This package's tracer for a provider (the global one when None), made once."""
+    provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+    tracer = _tracers.get(id(provider))
+    if tracer is None:
+        from . import __version__
+
+        tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
+        # A ProxyTracer (no global provider yet) must not be cached: it would stay a proxy.
+        if type(tracer).__name__ != "ProxyTracer":
+            _tracers[id(provider)] = tracer
+    return tracer
+
+
+def remote_parent_context(remote: LaminarSpanContext, context: Context | None = None) -> Context:
+    """A context whose current span is the remote one: non-recording, remote, sampled."""
+    span_context = SpanContext(
+        trace_id=remote.trace_id,
+        span_id=remote.span_id,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(span_context), context)
+
+
+def parent_attributes(remote: LaminarSpanContext) -> dict[str, AttributeValue]:
+    """Start attributes of a span continuing `remote`: where it sits in Laminar's tree."""
+    if not remote.span_path:
+        return {}
+    return {PARENT_SPAN_PATH: remote.span_path, PARENT_SPAN_IDS_PATH: remote.span_ids_path}
+
+
+def association_attributes(remote: LaminarSpanContext) -> dict[str, AttributeValue]:
+    """User id, session id, trace type and metadata as Laminar's span attributes."""
+    attributes: dict[str, AttributeValue] = {}
+    if remote.user_id is not None:
+        attributes[USER_ID] = remote.user_id
+    if remote.session_id is not None:
+        attributes[SESSION_ID] = remote.session_id
+    if remote.trace_type is not None:
+        attributes[TRACE_TYPE] = remote.trace_type
+    for key, value in remote.metadata.items():
+        attributes[METADATA_PREFIX + key] = _metadata_attribute(value)
+    return attributes
+
+
+def _metadata_attribute(value: Any) -> AttributeValue:
+    # Laminar's SDK stores OpenTelemetry-typed values as they are and JSON for the rest.
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, tuple) and value:
+        kind = type(value[0])
+        if kind in (str, bool, int, float) and all(type(v) is kind for v in value):
+            return value
+    return json.dumps(thaw(value), separators=(",", ":"))
+
+
+def set_path_attributes(
+    span: Span, name: str, parent_path: Sequence[str] = (), parent_ids_path: Sequence[str] = ()
+) -> None:
+    """This span's Laminar path: the parent's path plus its own name and id."""
+    span_id = format_uuid(span.get_span_context().span_id)
+    span.set_attributes(
+        {
+            SPAN_PATH: (*parent_path, name),
+            SPAN_IDS_PATH: (*parent_ids_path, span_id),
+        }
+    )
+
+
+def span_context_of(span: Span | None = None) -> LaminarSpanContext | None:
+    """The `LaminarSpanContext` of a span (the current one when None); None if invalid."""
+    if span is None:
+        span = trace.get_current_span()
+    span_context = span.get_span_context()
+    if not span_context.is_valid:
+        return None
+    attributes: Mapping[str, Any] = getattr(span, "attributes", None) or {}
+    if not attributes:
+        return LaminarSpanContext(span_context.trace_id, span_context.span_id)
+    metadata: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if key.startswith(METADATA_PREFIX):
+            metadata[key[len(METADATA_PREFIX) :]] = _metadata_value(value)
+    user_id = attributes.get(USER_ID)
+    session_id = attributes.get(SESSION_ID)
+    return LaminarSpanContext(
+        trace_id=span_context.trace_id,
+        span_id=span_context.span_id,
+        span_path=tuple(attributes.get(SPAN_PATH, ())),
+        span_ids_path=tuple(attributes.get(SPAN_IDS_PATH, ())),
+        user_id=None if user_id is None else str(user_id),
+        session_id=None if session_id is None else str(session_id),
+        trace_type=attributes.get(TRACE_TYPE),
+        metadata=metadata,
+    )
+
+
+def _metadata_value(value: Any) -> Any:
+    # The reverse of _metadata_attribute, as Laminar's SDK reads it back.
+    if isinstance(value, str):
+        try:
+            return json.loads(value, parse_constant=_no_constants)
+        except (ValueError, RecursionError):
+            return value
+    return value
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(name)
+
+
+def serialize_span_context(span: Span | None = None) -> str | None:
+    """The header value for a span (the current one when None); None without a valid span."""
+    context = span_context_of(span)
+    return None if context is None else context.serialize()
+
+
+def deserialize_span_context(
+    value: str | bytes | LaminarSpanContext | None,
+) -> LaminarSpanContext | None:
+    """A header value as a `LaminarSpanContext`, or None; never raises."""
+    if isinstance(value, LaminarSpanContext):
+        return value if value.is_valid else None
+    return LaminarSpanContext.parse(value)
+
+
+@contextmanager
+def continue_trace(
+    value: str | bytes | LaminarSpanContext | None,
+    name: str,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    **span_kwargs: Any,
+) -> Iterator[Span]:
+    """Start and activate a span that continues a serialized context (a queue message, a
+    stored workflow); a new trace when the value is missing or invalid. Yields the span."""
+    remote = deserialize_span_context(value)
+    attributes: dict[str, AttributeValue] = dict(span_kwargs.pop("attributes", None) or {})
+    if remote is not None:
+        parent = remote_parent_context(remote, Context())
+        attributes.update(parent_attributes(remote))
+        attributes.update(association_attributes(remote))
+        parent_path, parent_ids_path = remote.span_path, remote.span_ids_path
+    else:
+        parent = Context()
+        parent_path, parent_ids_path = (), ()
+    tracer = get_tracer(tracer_provider)
+    with tracer.start_as_current_span(
+        name, context=parent, attributes=attributes, **span_kwargs
+    ) as span:
+        set_path_attributes(span, name, parent_path, parent_ids_path)
+        yield span
+
+
+def inject(carrier: MutableMapping[str, str], span: Span | None = None) -> None:
+    """Put the current (or given) span's context into a message or headers mapping.
+
+    A value already there is left alone; without a valid span nothing is added.
+    """
+    if any(key.lower() in _LOWER_NAMES for key in carrier):
+        return
+    value = serialize_span_context(span)
+    if value is not None:
+        carrier[HEADER_NAME] = value
+
+
+def extract(carrier: Mapping[str, Any]) -> LaminarSpanContext | None:
+    """The context in a message or headers mapping (either header name, any case), or None.
+
+    Two different values are ambiguous and count as none.
+    """
+    found: Any = None
+    for key, value in carrier.items():
+        if isinstance(key, str) and key.lower() in _LOWER_NAMES:
+            if found is not None and value != found:
+                return None
+            found = value
+    return deserialize_span_context(found)

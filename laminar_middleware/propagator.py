@@ -1,0 +1,88 @@
+"""`LaminarPropagator`: the header as an OpenTelemetry `TextMapPropagator`.
+
+With `OTEL_PROPAGATORS=tracecontext,baggage,laminar` every OpenTelemetry instrumentation
+(contrib clients and servers, FastAPI's own tracing) carries and reads the Laminar header.
+This module is imported while `opentelemetry.instrumentation` is still importing (entry
+point loading), so it imports nothing from the instrumentation package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import (
+    CarrierT,
+    Getter,
+    Setter,
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
+
+from ._guard import guard, log_bad_header
+from .codec import HEADER_NAME, HEADER_NAME_ALIAS, parse_with_reason
+from .config import TrustOption, TrustPolicy
+from .context import remote_parent_context, span_context_of
+
+__all__ = ["LaminarPropagator"]
+
+_NAMES = (HEADER_NAME, HEADER_NAME.lower(), HEADER_NAME_ALIAS)
+
+
+class LaminarPropagator(TextMapPropagator):
+    """Reads and writes `X-Laminar-Span-Context` (and reads `laminar-span-context`).
+
+    `trust` defaults to the `LAMINAR_TRUST` variable: under `restart` or `ignore` extract
+    gives no Laminar parent, since a layer that extracts through this propagator cannot
+    link or drop the context itself.
+    """
+
+    def __init__(self, trust: TrustOption | None = None) -> None:
+        self._trust = TrustPolicy(trust)
+
+    def extract(
+        self,
+        carrier: CarrierT,
+        context: Context | None = None,
+        getter: Getter[CarrierT] = default_getter,
+    ) -> Context:
+        if context is None:
+            context = Context()
+        return guard("LaminarPropagator.extract", context, self._extract, carrier, context, getter)
+
+    def _extract(self, carrier: Any, context: Context, getter: Getter[Any]) -> Context:
+        values: set[str] = set()
+        for name in _NAMES:
+            found = getter.get(carrier, name)
+            if found:
+                values.update(found)
+        if len(values) != 1:
+            return context
+        (value,) = values
+        remote, reason = parse_with_reason(value)
+        if remote is None:
+            if reason:
+                log_bad_header(reason, value)
+            return context
+        if self._trust.decide(carrier) != "continue":
+            return context
+        return remote_parent_context(remote, context)
+
+    def inject(
+        self,
+        carrier: CarrierT,
+        context: Context | None = None,
+        setter: Setter[CarrierT] = default_setter,
+    ) -> None:
+        guard("LaminarPropagator.inject", None, self._inject, carrier, context, setter)
+
+    def _inject(self, carrier: Any, context: Context | None, setter: Setter[Any]) -> None:
+        remote = span_context_of(trace.get_current_span(context))
+        if remote is not None:
+            setter.set(carrier, HEADER_NAME, remote.serialize())
+
+    @property
+    def fields(self) -> set[str]:
+        return {HEADER_NAME}

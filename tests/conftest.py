@@ -1,0 +1,96 @@
+"""Shared test set-up: one global SDK tracer provider with an in-memory exporter, and real
+servers (uvicorn, werkzeug) on 127.0.0.1 with ephemeral ports, started and stopped here."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+EXPORTER = InMemorySpanExporter()
+PROVIDER = TracerProvider()
+PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
+trace.set_tracer_provider(PROVIDER)
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    EXPORTER.clear()
+    yield EXPORTER
+    EXPORTER.clear()
+
+
+@pytest.fixture
+def provider() -> TracerProvider:
+    return PROVIDER
+
+
+def wait_for_spans(
+    exporter: InMemorySpanExporter,
+    predicate: Callable[[list[ReadableSpan]], bool],
+    timeout: float = 5.0,
+) -> list[ReadableSpan]:
+    """Spans end on server threads after the client has its response: wait, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = list(exporter.get_finished_spans())
+        if predicate(spans) or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.01)
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def run_uvicorn(app: Any, **config: Any) -> Iterator[str]:
+    """Serve an ASGI app with real uvicorn in a thread; yields its base URL."""
+    import uvicorn
+
+    sock = _bound_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan=config.pop("lifespan", "auto"), **config)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@contextmanager
+def run_wsgi(app: Any) -> Iterator[str]:
+    """Serve a WSGI app with werkzeug's threaded server in a thread; yields its base URL."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

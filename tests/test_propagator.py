@@ -1,0 +1,95 @@
+"""LaminarPropagator: alone, in a composite, and selected by OTEL_PROPAGATORS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from opentelemetry import trace
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from laminar_middleware import HEADER_NAME, LaminarPropagator, LaminarSpanContext
+
+REMOTE = LaminarSpanContext(0xABC, 0xDEF, ("a",), ("00000000-0000-0000-0000-000000000def",))
+
+
+def test_fields() -> None:
+    assert LaminarPropagator().fields == {HEADER_NAME}
+
+
+def test_extract_makes_a_remote_parent() -> None:
+    context = LaminarPropagator().extract({"x-laminar-span-context": REMOTE.serialize()})
+    span_context = trace.get_current_span(context).get_span_context()
+    assert span_context.trace_id == 0xABC and span_context.span_id == 0xDEF
+    assert span_context.is_remote and span_context.trace_flags.sampled
+
+
+def test_extract_ignores_bad_and_ambiguous() -> None:
+    propagator = LaminarPropagator()
+    for carrier in (
+        {},
+        {HEADER_NAME: "nope"},
+        {
+            HEADER_NAME: REMOTE.serialize(),
+            "laminar-span-context": LaminarSpanContext(1, 2).serialize(),
+        },
+    ):
+        context = propagator.extract(carrier)
+        assert not trace.get_current_span(context).get_span_context().is_valid
+
+
+def test_trust_restart_and_ignore_give_no_parent() -> None:
+    for trust in ("restart", "ignore"):
+        context = LaminarPropagator(trust=trust).extract({HEADER_NAME: REMOTE.serialize()})
+        assert not trace.get_current_span(context).get_span_context().is_valid
+
+
+def test_inject_in_a_composite_with_tracecontext() -> None:
+    composite = CompositePropagator([TraceContextTextMapPropagator(), LaminarPropagator()])
+    carrier: dict[str, str] = {}
+    with trace.get_tracer("t").start_as_current_span("s") as span:
+        composite.inject(carrier)
+    span_id = span.get_span_context().span_id
+    assert "traceparent" in carrier
+    assert LaminarSpanContext.parse(carrier[HEADER_NAME]).span_id == span_id  # type: ignore[union-attr]
+
+
+def test_selected_by_otel_propagators_environment_variable() -> None:
+    # opentelemetry.propagate reads OTEL_PROPAGATORS once, at import: a fresh process.
+    script = textwrap.dedent(
+        """
+        import json
+        from opentelemetry import propagate, trace
+        from opentelemetry.sdk.trace import TracerProvider
+        trace.set_tracer_provider(TracerProvider())
+        names = [type(p).__name__ for p in propagate.get_global_textmap()._propagators]
+        carrier = {}
+        with trace.get_tracer("t").start_as_current_span("s") as span:
+            propagate.inject(carrier)
+        ctx = propagate.extract({"X-Laminar-Span-Context": carrier["X-Laminar-Span-Context"]})
+        parent = trace.get_current_span(ctx).get_span_context()
+        print(json.dumps({"names": names, "keys": sorted(carrier),
+                          "same": parent.span_id == span.get_span_context().span_id}))
+        """
+    )
+    env = {**os.environ, "OTEL_PROPAGATORS": "tracecontext,baggage,laminar"}
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    result = json.loads(out.stdout)
+    assert result["names"] == [
+        "TraceContextTextMapPropagator",
+        "W3CBaggagePropagator",
+        "LaminarPropagator",
+    ]
+    assert result["keys"] == [HEADER_NAME, "traceparent"]
+    assert result["same"] is True
