@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
+LINT_PATHS := laminar_middleware tests $(wildcard examples benchmarks)
 
 .PHONY: test demo lint typecheck pytest bench bench-quick clean
 
@@ -21,8 +22,8 @@ $(BENCH_STAMP): pyproject.toml
 	touch $(BENCH_STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check laminar_middleware tests examples benchmarks
-	$(BIN)/ruff format --check laminar_middleware tests examples benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
