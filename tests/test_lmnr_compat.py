@@ -14,7 +14,8 @@ import pytest
 from laminar_middleware import LaminarSpanContext
 
 WORKER = Path(__file__).parent / "support" / "lmnr_worker.py"
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ts-sdk-headers.json"
+# A copy of ../shared/fixtures/ts-sdk-headers.json (written by the real TypeScript SDK).
+FIXTURES = Path(__file__).parent / "fixtures" / "ts-sdk-headers.json"
 
 
 def ask_lmnr(request: dict[str, Any]) -> dict[str, Any]:
