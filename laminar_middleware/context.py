@@ -211,12 +211,24 @@ def continue_trace(
     else:
         parent = Context()
         parent_path, parent_ids_path = (), ()
+    from ._lmnr import active_bridge
+    from .processor import ensure_path_processor
+
+    bridge = active_bridge()
+    if tracer_provider is None and bridge is not None:
+        tracer_provider = bridge.tracer_provider()
+    ensure_path_processor(tracer_provider)
     tracer = get_tracer(tracer_provider)
     with tracer.start_as_current_span(
         name, context=parent, attributes=attributes, **span_kwargs
     ) as span:
         set_path_attributes(span, name, parent_path, parent_ids_path)
-        yield span
+        token = bridge.attach(span, remote) if bridge is not None else None
+        try:
+            yield span
+        finally:
+            if token is not None and bridge is not None:
+                bridge.detach(token)
 
 
 def inject(carrier: MutableMapping[str, str], span: Span | None = None) -> None:
