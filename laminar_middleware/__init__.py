@@ -22,12 +22,15 @@ from .context import (
 from .propagator import LaminarPropagator
 
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers
-    pass
+    from .asgi import LaminarASGIMiddleware
+    from .wsgi import LaminarWSGIMiddleware
 
 __all__ = [
     "HEADER_NAME",
+    "LaminarASGIMiddleware",
     "LaminarPropagator",
     "LaminarSpanContext",
+    "LaminarWSGIMiddleware",
     "__version__",
     "continue_trace",
     "deserialize_span_context",

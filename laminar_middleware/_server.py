@@ -1,0 +1,530 @@
+"""What both inbound middlewares do per request, written once.
+
+`InboundTracer` is built when a middleware is constructed: it compiles the options (trust
+policy, excluded paths, header names) and picks the tracer. Per request an adapter hands it
+the protocol-neutral facts (method, path, header values, a carrier for the global
+OpenTelemetry propagator) and gets back a `ServerRequest`, or None when the request gets no
+span. The `ServerRequest` owns the SERVER span: its parent, name, attributes, status and its
+single end. Every method of it contains its own failures (see `_guard`), so the adapters can
+call them without protecting each call, and a request never fails because of us.
+
+Choosing the remote context (spec §3, §5, §9):
+
+1. The Laminar header (any of the configured names, any case). Several lines with the same
+   value count as one; different values are ambiguous and count as none. An empty value is
+   none, silently; an invalid one is none, with a rate-limited log line.
+2. Without a usable Laminar header: whatever the globally configured OpenTelemetry
+   propagator extracts (W3C `traceparent` by default).
+3. The trust policy decides what the remote context is worth: `continue` (child of it, with
+   the carried user id, session id, trace type and metadata as attributes), `restart` (a new
+   trace with a span link to it) or `ignore` (a new trace).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.semconv.attributes.client_attributes import CLIENT_ADDRESS
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.http_attributes import (
+    HTTP_REQUEST_METHOD,
+    HTTP_REQUEST_METHOD_ORIGINAL,
+    HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
+)
+from opentelemetry.semconv.attributes.network_attributes import (
+    NETWORK_PROTOCOL_NAME,
+)
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
+from opentelemetry.semconv.attributes.url_attributes import URL_PATH, URL_SCHEME
+from opentelemetry.semconv.attributes.user_agent_attributes import USER_AGENT_ORIGINAL
+from opentelemetry.trace import (
+    Link,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    Tracer,
+    TracerProvider,
+)
+from opentelemetry.util.types import AttributeValue
+
+from ._guard import internal_error, log_bad_header
+from ._lmnr import LaminarBridge, active_bridge
+from .codec import (
+    HEADER_NAME,
+    HEADER_NAME_ALIAS,
+    LaminarSpanContext,
+    format_uuid,
+    parse_with_reason,
+)
+from .config import ExcludedPaths, ExcludedPathsOption, TrustOption, TrustPolicy
+from .context import (
+    SPAN_IDS_PATH,
+    SPAN_PATH,
+    association_attributes,
+    get_tracer,
+    parent_attributes,
+    remote_parent_context,
+)
+from .processor import ensure_path_processor
+
+__all__ = [
+    "DEFAULT_HEADER_NAMES",
+    "InboundTracer",
+    "ServerRequest",
+    "split_host",
+]
+
+DEFAULT_HEADER_NAMES: Final = (HEADER_NAME, HEADER_NAME_ALIAS)
+
+# OpenTelemetry's known methods; anything else is "_OTHER" and names the span "HTTP", so a
+# caller cannot mint span names (cardinality) with made-up methods.
+_KNOWN_METHODS: Final = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
+)
+WEBSOCKET_SPAN_PREFIX: Final = "WS"
+_ROOT: Final = Context()
+_MAX_HOSTS: Final = 256
+_ERROR_STATUS: Final = Status(StatusCode.ERROR)
+# WebSocket close codes of a normal end: not an error.
+_NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """A Host header (`name`, `name:port`, `[v6]:port`) as address and port; never raises."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return value, None
+        host, rest = value[1:end], value[end + 1 :]
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or ":" in host:  # no port, or a bare IPv6 address
+            return value, None
+    if port.isdigit() and len(port) <= 5:
+        return host, int(port)
+    return host, None
+
+
+def _exception_type(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _span_context(remote: LaminarSpanContext) -> SpanContext:
+    return SpanContext(
+        trace_id=remote.trace_id,
+        span_id=remote.span_id,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+
+
+def _is_normal_disconnect(exc: BaseException) -> bool:
+    # Starlette's WebSocketDisconnect (and look-alikes) with a normal close code.
+    return type(exc).__name__ == "WebSocketDisconnect" and (
+        getattr(exc, "code", None) in _NORMAL_CLOSE_CODES
+    )
+
+
+Tokens = tuple[object | None, object | None]
+
+
+class ServerRequest:
+    """The SERVER span of one request, from start to its single end.
+
+    Every method contains its own failures: a raising span processor or a strange value
+    becomes a log line, never an exception in the request.
+    """
+
+    __slots__ = (
+        "_bridge",
+        "_context",
+        "_ended",
+        "_failed",
+        "_parent_path",
+        "_prefix",
+        "_remote",
+        "_route",
+        "span",
+        "status_code",
+    )
+
+    def __init__(
+        self,
+        span: Span,
+        prefix: str,
+        parent_path: tuple[str, ...],
+        base: Context | None = None,
+        bridge: LaminarBridge | None = None,
+        remote: LaminarSpanContext | None = None,
+    ) -> None:
+        self.span = span
+        self.status_code: int | None = None
+        self._prefix = prefix
+        self._parent_path = parent_path
+        # The context to attach: the span on top of `base`, or of whatever is current when
+        # first attached (the adapters attach right away, in the request's own context).
+        self._context = None if base is None else trace.set_span_in_context(span, base)
+        self._bridge = bridge
+        self._remote = remote
+        self._route: str | None = None
+        self._ended = False
+        self._failed = False
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    @property
+    def route(self) -> str | None:
+        """The route template once known."""
+        return self._route
+
+    def attach(self) -> Tokens:
+        """Make the span current (in Laminar's SDK context too, when it is initialized);
+        returns what `detach` needs. Call `detach` in the same thread or task."""
+        token: object | None = None
+        bridge_token: object | None = None
+        try:
+            context = self._context
+            if context is None:
+                context = self._context = trace.set_span_in_context(self.span)
+            token = otel_context.attach(context)
+            bridge = self._bridge
+            if bridge is not None:
+                bridge_token = bridge.attach(self.span, self._remote)
+        except Exception:
+            internal_error("attaching the server span")
+        return token, bridge_token
+
+    def detach(self, tokens: Tokens) -> None:
+        token, bridge_token = tokens
+        try:
+            if bridge_token is not None and self._bridge is not None:
+                self._bridge.detach(bridge_token)  # type: ignore[arg-type]
+        except Exception:
+            internal_error("detaching the server span from Laminar's context")
+        try:
+            if token is not None:
+                otel_context.detach(token)  # type: ignore[arg-type]
+        except Exception:
+            internal_error("detaching the server span")
+
+    def set_route(self, route: str | None) -> None:
+        """Name the span `PREFIX route` once the framework has matched the route."""
+        if not route or route == self._route or self._ended:
+            return
+        try:
+            self.span.set_attributes(self._named(route))
+        except Exception:
+            internal_error("naming the server span")
+
+    def _named(self, route: str) -> dict[str, AttributeValue]:
+        self._route = route
+        name = f"{self._prefix} {route}"
+        self.span.update_name(name)
+        return {HTTP_ROUTE: route, SPAN_PATH: (*self._parent_path, name)}
+
+    def response_started(self, status: Any, route: str | None = None) -> None:
+        """The response starts: the route when known now, the status (ERROR for 5xx)."""
+        if self._ended:
+            return
+        try:
+            code = int(status)
+            self.status_code = code
+            attributes: dict[str, AttributeValue] = (
+                self._named(route) if route and route != self._route else {}
+            )
+            attributes[HTTP_RESPONSE_STATUS_CODE] = code
+            if code >= 500 and not self._failed:
+                attributes[ERROR_TYPE] = str(code)
+                self.span.set_status(_ERROR_STATUS)
+            self.span.set_attributes(attributes)
+        except Exception:
+            internal_error("recording the response status")
+
+    def fail(self, exc: BaseException) -> None:
+        """An exception left the app: recorded, status ERROR (the caller re-raises it)."""
+        if self._ended or self._failed:
+            return
+        if not isinstance(exc, Exception) or _is_normal_disconnect(exc):
+            return  # cancellation, exit, a normal WebSocket close: not a server error
+        try:
+            self._failed = True
+            span = self.span
+            span.record_exception(exc, escaped=True)
+            span.set_attribute(ERROR_TYPE, _exception_type(exc))
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        except Exception:
+            internal_error("recording an exception on the server span")
+
+    def incomplete(self) -> None:
+        """The app returned without starting a response (the server answers 500)."""
+        if self._ended or self._failed or self.status_code is not None:
+            return
+        try:
+            self.span.set_attribute(ERROR_TYPE, "incomplete_response")
+            self.span.set_status(_ERROR_STATUS)
+        except Exception:
+            internal_error("marking an incomplete response")
+
+    def end(self) -> None:
+        """End the span; only the first call does anything."""
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            self.span.end()
+        except Exception:
+            internal_error("ending the server span")
+
+
+class InboundTracer:
+    """Everything per request that the ASGI and WSGI middlewares share, compiled once.
+
+    Options: `tracer_provider` (the global one when None), `excluded_paths` (exact paths and
+    compiled patterns; None reads `LAMINAR_EXCLUDED_PATHS`), `trust` (`"continue"`,
+    `"restart"`, `"ignore"`, a callable on the ASGI scope / WSGI environ, or None for
+    `LAMINAR_TRUST`), and `header_names` (the Laminar header names to read, any case).
+    """
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        excluded_paths: ExcludedPathsOption | ExcludedPaths = None,
+        trust: TrustOption | TrustPolicy | None = None,
+        header_names: Iterable[str] | None = None,
+    ) -> None:
+        self._provider = tracer_provider
+        self.tracer = get_tracer(tracer_provider)
+        self._processor_ready = False
+        self._bridge_provider: TracerProvider | None = None
+        excluded = (
+            excluded_paths
+            if isinstance(excluded_paths, ExcludedPaths)
+            else ExcludedPaths(excluded_paths, from_env=True)
+        )
+        self._excluded: ExcludedPaths | None = excluded if excluded else None
+        self.trust = trust if isinstance(trust, TrustPolicy) else TrustPolicy(trust)
+        wanted = header_names or DEFAULT_HEADER_NAMES
+        names = tuple(dict.fromkeys(n.strip().lower() for n in wanted))
+        if not all(names):
+            raise ValueError("header_names must not contain an empty name")
+        self.header_names: tuple[str, ...] = names
+        # Precomputed per request shape: the method part of a span name and its attribute.
+        self._methods: dict[str, tuple[str, dict[str, AttributeValue]]] = {
+            m: (m, {HTTP_REQUEST_METHOD: m}) for m in _KNOWN_METHODS
+        }
+        self._hosts: dict[str, tuple[str, int | None]] = {}
+        self._ensure_processor()
+
+    def excluded(self, path: str) -> bool:
+        """True when the path gets no span (and no context is read)."""
+        excluded = self._excluded
+        return excluded is not None and excluded.matches(path)
+
+    def start(
+        self,
+        *,
+        method: str | None,
+        path: str,
+        scheme: str,
+        laminar_values: Sequence[str | bytes],
+        carrier: Any,
+        getter: Getter[Any],
+        subject: object,
+        host: str | None,
+        server: tuple[str, int | None] | None,
+        client: str | None,
+        user_agent: str | None,
+    ) -> ServerRequest | None:
+        """Start the SERVER span of a request (`method` None: a WebSocket connection).
+
+        Returns None when starting failed; the adapter then runs the app without us.
+        """
+        try:
+            return self._start(
+                method,
+                path,
+                scheme,
+                laminar_values,
+                carrier,
+                getter,
+                subject,
+                host,
+                server,
+                client,
+                user_agent,
+            )
+        except Exception:
+            internal_error("starting the server span")
+            return None
+
+    def _start(
+        self,
+        method: str | None,
+        path: str,
+        scheme: str,
+        laminar_values: Sequence[str | bytes],
+        carrier: Any,
+        getter: Getter[Any],
+        subject: object,
+        host: str | None,
+        server: tuple[str, int | None] | None,
+        client: str | None,
+        user_agent: str | None,
+    ) -> ServerRequest:
+        # Name and attributes.
+        attributes: dict[str, AttributeValue]
+        if method is None:
+            prefix = WEBSOCKET_SPAN_PREFIX
+            attributes = {NETWORK_PROTOCOL_NAME: "websocket"}
+        else:
+            known = self._methods.get(method)
+            if known is None:
+                prefix = "HTTP"
+                attributes = {HTTP_REQUEST_METHOD: "_OTHER", HTTP_REQUEST_METHOD_ORIGINAL: method}
+            else:
+                prefix = known[0]
+                attributes = known[1].copy()
+        attributes[URL_PATH] = path
+        attributes[URL_SCHEME] = scheme
+        if host:
+            hosts = self._hosts
+            split = hosts.get(host)
+            if split is None:
+                if len(hosts) >= _MAX_HOSTS:
+                    hosts.clear()  # bounded: a caller can send any Host
+                split = hosts[host] = split_host(host)
+            address, port = split
+            if address:
+                attributes[SERVER_ADDRESS] = address
+                if port is not None:
+                    attributes[SERVER_PORT] = port
+        elif server is not None and server[0]:
+            attributes[SERVER_ADDRESS] = server[0]
+            if server[1] is not None:
+                attributes[SERVER_PORT] = server[1]
+        if client:
+            attributes[CLIENT_ADDRESS] = client
+        if user_agent:
+            attributes[USER_AGENT_ORIGINAL] = user_agent
+
+        # The remote context: Laminar's header, else the global propagator's.
+        base: Context | None = None
+        parent: Context | None = None
+        links: list[Link] | None = None
+        parent_path: tuple[str, ...] = ()
+        parent_ids_path: tuple[str, ...] = ()
+        continued: LaminarSpanContext | None = None
+        remote = self._laminar_remote(laminar_values) if laminar_values else None
+        if remote is not None:
+            decision = self.trust.decide(subject)
+            if decision == "continue":
+                parent = remote_parent_context(remote, _ROOT)
+                attributes.update(parent_attributes(remote))
+                attributes.update(association_attributes(remote))
+                parent_path, parent_ids_path = remote.span_path, remote.span_ids_path
+                continued = remote
+            elif decision == "restart":
+                links = [Link(_span_context(remote))]
+        else:
+            extracted = self._extract(carrier, getter)
+            if extracted:
+                decision = self.trust.decide(subject)
+                if decision == "continue":
+                    parent = extracted
+                    # Keep what the propagator brought (baggage) in the current context too.
+                    base = Context({**otel_context.get_current(), **extracted})
+                elif decision == "restart":
+                    span_context = trace.get_current_span(extracted).get_span_context()
+                    if span_context.is_valid:
+                        links = [Link(span_context)]
+
+        # Laminar's SDK, when initialized in this process, gets the span on its provider
+        # (unless the user chose one) and as current span in its own context.
+        bridge = active_bridge()
+        if bridge is not None and self._provider is None:
+            tracer = self._bridge_tracer(bridge)
+        else:
+            tracer = self.tracer
+            if not self._processor_ready:
+                self._ensure_processor()
+        # The Laminar path goes in with the start attributes (so path processors leave it
+        # alone); the ids path needs this span's own id, known once it has started.
+        attributes[SPAN_PATH] = (*parent_path, prefix)
+        span = tracer.start_span(
+            prefix,
+            context=parent if parent is not None else _ROOT,
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            links=links,
+        )
+        try:
+            # (Laminar's SDK's processor sets it on start, when the span is on its provider.)
+            if bridge is None or SPAN_IDS_PATH not in (getattr(span, "attributes", None) or {}):
+                span_id = format_uuid(span.get_span_context().span_id)
+                span.set_attribute(SPAN_IDS_PATH, (*parent_ids_path, span_id))
+        except Exception:
+            internal_error("setting the Laminar path attributes")
+        return ServerRequest(
+            span,
+            prefix,
+            parent_path,
+            base,
+            bridge,
+            continued,
+        )
+
+    def _ensure_processor(self) -> None:
+        # Laminar paths for the spans the app starts under ours: once, on an SDK provider
+        # (the global one may still be a placeholder on the first requests).
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        if type(provider).__name__ != "ProxyTracerProvider":
+            self._processor_ready = True
+            try:
+                ensure_path_processor(provider)
+            except Exception:
+                internal_error("adding the Laminar path processor")
+
+    def _bridge_tracer(self, bridge: LaminarBridge) -> Tracer:
+        provider = bridge.tracer_provider()
+        if provider is not self._bridge_provider:
+            self._bridge_provider = provider
+            try:
+                ensure_path_processor(provider)
+            except Exception:
+                internal_error("adding the Laminar path processor")
+        return get_tracer(provider)
+
+    @staticmethod
+    def _laminar_remote(values: Sequence[str | bytes]) -> LaminarSpanContext | None:
+        value = values[0]
+        for other in values[1:]:
+            if other != value:
+                log_bad_header("several different values", value)
+                return None
+        remote, reason = parse_with_reason(value)
+        if remote is None and reason:
+            log_bad_header(reason, value)
+        return remote
+
+    @staticmethod
+    def _extract(carrier: Any, getter: Getter[Any]) -> Context | None:
+        try:
+            return propagate.extract(carrier, Context(), getter)
+        except Exception:
+            internal_error("the global OpenTelemetry propagator's extract")
+            return None

@@ -1,0 +1,62 @@
+"""A Flask helper: the WSGI middleware plus what only Flask's signals can tell it.
+
+Plain wrapping (`app.wsgi_app = LaminarWSGIMiddleware(app.wsgi_app)`) already names the span
+by the route. `instrument_flask(app)` does that wrapping and also
+
+- names the span as soon as Flask has matched the route (`request_started`), so calls the
+  view makes already carry the final name in their Laminar path;
+- records the exception of a request that Flask turned into a 500 response itself
+  (`got_request_exception`): without it the middleware sees only the 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._guard import internal_error
+from ._server import ServerRequest
+from .wsgi import REQUEST_ENVIRON_KEY, LaminarWSGIMiddleware, _route_of
+
+__all__ = ["instrument_flask"]
+
+
+def instrument_flask(app: Any, **options: Any) -> LaminarWSGIMiddleware:
+    """Wrap `app.wsgi_app` in `LaminarWSGIMiddleware(**options)` and connect Flask's
+    signals for this app. Returns the middleware. Calling it twice wraps once."""
+    from flask import got_request_exception, request_started
+
+    current = app.wsgi_app
+    if isinstance(current, LaminarWSGIMiddleware):
+        return current
+    middleware = LaminarWSGIMiddleware(current, **options)
+    app.wsgi_app = middleware
+    request_started.connect(_request_started, app, weak=False)
+    got_request_exception.connect(_got_request_exception, app, weak=False)
+    return middleware
+
+
+def _current() -> ServerRequest | None:
+    from flask import request
+
+    value = request.environ.get(REQUEST_ENVIRON_KEY)
+    return value if isinstance(value, ServerRequest) else None
+
+
+def _request_started(sender: Any, **extra: Any) -> None:
+    try:
+        current = _current()
+        if current is not None:
+            from flask import request
+
+            current.set_route(_route_of(request.environ))
+    except Exception:
+        internal_error("Flask request_started")
+
+
+def _got_request_exception(sender: Any, exception: BaseException, **extra: Any) -> None:
+    try:
+        current = _current()
+        if current is not None:
+            current.fail(exception)
+    except Exception:
+        internal_error("Flask got_request_exception")

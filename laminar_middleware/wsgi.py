@@ -1,0 +1,249 @@
+"""`LaminarWSGIMiddleware`: the inbound middleware for Flask and any WSGI app.
+
+Flask: `app.wsgi_app = LaminarWSGIMiddleware(app.wsgi_app, **options)`. The span is named by
+the route with plain wrapping: when the app calls `start_response`, Flask has matched the
+URL and Werkzeug keeps the request (with its `url_rule`) in `environ["werkzeug.request"]`.
+
+The span is current while the app runs and while each chunk of the response is produced
+(a streaming generator's spans are its children), and it ends when the server calls the
+response iterable's `close()`, as every WSGI server does: after the last chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
+
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import TracerProvider
+
+from ._guard import internal_error
+from ._server import InboundTracer, ServerRequest
+from .config import ExcludedPaths, ExcludedPathsOption, TrustOption, TrustPolicy
+
+__all__ = ["REQUEST_ENVIRON_KEY", "LaminarWSGIMiddleware"]
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+# Where the middleware leaves its per-request object, for framework helpers (flask.py).
+REQUEST_ENVIRON_KEY: Final = "laminar_middleware.request"
+
+
+def _environ_key(header: str) -> str:
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+class _EnvironGetter(Getter[Environ]):
+    """Reads request headers from a WSGI environ for the global OpenTelemetry propagator."""
+
+    def get(self, carrier: Environ, key: str) -> list[str] | None:
+        value = carrier.get(_environ_key(key))
+        return None if value is None else [value]
+
+    def keys(self, carrier: Environ) -> list[str]:
+        return [k[5:].lower().replace("_", "-") for k in carrier if k.startswith("HTTP_")]
+
+
+_GETTER: Final = _EnvironGetter()
+
+
+def _wire_bytes(value: Any) -> Any:
+    # PEP 3333 strings are the header's bytes decoded as latin-1: give the codec the bytes,
+    # so UTF-8 in the header decodes as UTF-8.
+    if isinstance(value, str):
+        try:
+            return value.encode("latin-1")
+        except UnicodeEncodeError:
+            return value
+    return value
+
+
+def _utf8_path(path: str) -> str:
+    # PEP 3333 paths are latin-1-decoded bytes; URLs are UTF-8 (as Werkzeug reads them).
+    try:
+        return path.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return path
+
+
+def _server_address(environ: Environ) -> tuple[str, int | None] | None:
+    name = environ.get("SERVER_NAME")
+    if not name:
+        return None
+    port = str(environ.get("SERVER_PORT", ""))
+    return str(name), int(port) if port.isdigit() else None
+
+
+def _route_of(environ: Environ) -> str | None:
+    """The matched URL rule of a Werkzeug/Flask request, once routing has happened."""
+    rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
+    template = getattr(rule, "rule", None)
+    return template if isinstance(template, str) and template else None
+
+
+class LaminarWSGIMiddleware:
+    """Opens a SERVER span per request, continuing the caller's Laminar context
+    (`X-Laminar-Span-Context`), else the W3C one.
+
+    Options: `tracer_provider`, `excluded_paths` (exact paths and compiled patterns matched
+    in full against `SCRIPT_NAME + PATH_INFO`: no span, no context read; default
+    `LAMINAR_EXCLUDED_PATHS`, comma-separated exact paths), `trust`
+    (`"continue"`, `"restart"`, `"ignore"` or a callable on the WSGI environ; default
+    `LAMINAR_TRUST`, else `"continue"`) and `header_names`.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        excluded_paths: ExcludedPathsOption | ExcludedPaths = None,
+        trust: TrustOption | TrustPolicy | None = None,
+        header_names: Iterable[str] | None = None,
+    ) -> None:
+        self.app = app
+        self._server = InboundTracer(
+            tracer_provider=tracer_provider,
+            excluded_paths=excluded_paths,
+            trust=trust,
+            header_names=header_names,
+        )
+        self._environ_keys: tuple[str, ...] = tuple(
+            dict.fromkeys(_environ_key(n) for n in self._server.header_names)
+        )
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            request = self._start(environ)
+        except Exception:
+            internal_error("LaminarWSGIMiddleware")
+            request = None
+        if request is None:
+            return self.app(environ, start_response)
+
+        def start_response_wrapper(status: str, headers: Any, *args: Any) -> Any:
+            try:
+                request.response_started(status.split(" ", 1)[0], _route_of(environ))
+            except Exception:
+                internal_error("LaminarWSGIMiddleware start_response")
+            return start_response(status, headers, *args)
+
+        token = request.attach()
+        try:
+            iterable = self.app(environ, start_response_wrapper)
+        except BaseException as exc:
+            _name(request, environ)
+            request.fail(exc)
+            request.detach(token)
+            request.end()
+            raise
+        request.detach(token)
+        if hasattr(iterable, "__len__"):
+            return _SizedResponseIterable(iterable, request, environ)
+        return _ResponseIterable(iterable, request, environ)
+
+    def _start(self, environ: Environ) -> ServerRequest | None:
+        server = self._server
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        if not path.isascii():
+            path = _utf8_path(path)
+        if server.excluded(path):
+            return None
+        values = [_wire_bytes(environ[k]) for k in self._environ_keys if k in environ]
+        host = environ.get("HTTP_HOST")
+        request = server.start(
+            method=environ.get("REQUEST_METHOD", "GET"),
+            path=path,
+            scheme=environ.get("wsgi.url_scheme", "http"),
+            laminar_values=values,
+            carrier=environ,
+            getter=_GETTER,
+            subject=environ,
+            host=host,
+            server=None if host else _server_address(environ),
+            client=environ.get("REMOTE_ADDR"),
+            user_agent=environ.get("HTTP_USER_AGENT"),
+        )
+        if request is not None:
+            environ[REQUEST_ENVIRON_KEY] = request
+        return request
+
+
+def _name(request: ServerRequest, environ: Environ) -> None:
+    try:
+        request.set_route(_route_of(environ))
+    except Exception:
+        internal_error("LaminarWSGIMiddleware route")
+
+
+class _ResponseIterable:
+    """The app's response, with the span current while each chunk is made and ended by
+    `close()`."""
+
+    __slots__ = ("_environ", "_iterable", "_request")
+
+    def __init__(self, iterable: Iterable[bytes], request: ServerRequest, environ: Environ):
+        self._iterable = iterable
+        self._request = request
+        self._environ = environ
+
+    def __iter__(self) -> Iterator[bytes]:
+        iterable = self._iterable
+        if isinstance(iterable, (list, tuple)):
+            return iter(iterable)  # runs no code while iterated: nothing to make current
+        return self._chunks()
+
+    def _chunks(self) -> Iterator[bytes]:
+        # The span is current during each step only, and detached before each chunk is
+        # handed to the server: no context leaks into the server's own code.
+        request = self._request
+        tokens = request.attach()
+        try:
+            iterator = iter(self._iterable)
+        except BaseException as exc:
+            request.fail(exc)
+            raise
+        finally:
+            request.detach(tokens)
+        while True:
+            tokens = request.attach()
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            except BaseException as exc:
+                request.fail(exc)
+                raise
+            finally:
+                request.detach(tokens)
+            yield chunk
+
+    def close(self) -> None:
+        request = self._request
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                tokens = request.attach()
+                try:
+                    close()
+                except BaseException as exc:
+                    request.fail(exc)
+                    raise
+                finally:
+                    request.detach(tokens)
+        finally:
+            if request.route is None:
+                _name(request, self._environ)
+            request.end()
+
+
+class _SizedResponseIterable(_ResponseIterable):
+    """The same, for a sized response: servers compute Content-Length from `len()` (and
+    some call `len()` whenever `__len__` exists, so only sized responses have it)."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._iterable)  # type: ignore[arg-type]

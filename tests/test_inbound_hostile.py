@@ -1,0 +1,462 @@
+"""Whatever arrives, the response is the bare app's, byte for byte, and nothing escapes.
+
+Raw ASGI and raw WSGI calls (no server in between, so the headers are exactly as written
+here) through a Starlette app and a Flask app, each called bare and through the middleware.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from flask import Flask
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from laminar_middleware import (
+    LaminarASGIMiddleware,
+    LaminarSpanContext,
+    LaminarWSGIMiddleware,
+    _guard,
+)
+from laminar_middleware.codec import format_uuid
+
+SCOPE = "laminar_middleware"
+
+
+NAME = b"x-laminar-span-context"
+ALIAS = b"laminar-span-context"
+
+REMOTE = LaminarSpanContext(
+    0x4BF92F3577B34DA6A3CE929D0E0E4736,
+    0x00F067AA0BA902B7,
+    ("service_a",),
+    (format_uuid(0x00F067AA0BA902B7),),
+    user_id="u-1",
+)
+VALID = REMOTE.serialize().encode()
+OTHER = LaminarSpanContext(0x1111, 0x2222).serialize().encode()
+TRACE = format_uuid(REMOTE.trace_id)
+SPAN = format_uuid(REMOTE.span_id)
+
+
+def obj(**fields: Any) -> bytes:
+    return json.dumps({"trace_id": TRACE, "span_id": SPAN, **fields}).encode()
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    headers: Sequence[tuple[bytes, bytes]]
+    asgi_continues: bool = False
+    # A WSGI server joins repeated lines with ",": such a value is no context.
+    wsgi_continues: bool | None = None
+
+    @property
+    def wsgi(self) -> bool:
+        return self.asgi_continues if self.wsgi_continues is None else self.wsgi_continues
+
+
+CASES = [
+    Case("garbage", [(NAME, b"garbage")]),
+    Case("truncated JSON", [(NAME, VALID[:40])]),
+    Case("JSON array", [(NAME, b"[]")]),
+    Case("JSON string", [(NAME, b'"hello"')]),
+    Case("huge number", [(NAME, b"1e999999")]),
+    Case("deep nesting", [(NAME, b"[" * 8000)]),
+    Case("deep objects", [(NAME, b'{"trace_id":' + b'{"a":' * 2000 + b"1" + b"}" * 2000 + b"}")]),
+    Case("10 KiB", [(NAME, obj(metadata={"pad": "x" * 10240}))]),
+    Case("invalid UTF-8", [(NAME, b'{"trace_id":"\xff\xfe\xfd","span_id":"\xc3\x28"}')]),
+    Case("binary", [(NAME, bytes(range(256)))]),
+    Case("NUL", [(NAME, VALID[:20] + b"\x00" + VALID[20:])]),
+    Case("zero trace id", [(NAME, obj(trace_id=format_uuid(0)))]),
+    Case("zero span id", [(NAME, obj(span_id=format_uuid(0)))]),
+    Case("span id over 64 bits", [(NAME, obj(span_id=format_uuid(1 << 64 | 5)))]),
+    Case("ids of the wrong type", [(NAME, obj(trace_id=12345, span_id=[1]))]),
+    Case("empty", [(NAME, b"")]),
+    Case("whitespace", [(NAME, b"   \t ")]),
+    Case("two different lines", [(NAME, VALID), (NAME, OTHER)]),
+    Case("both names, different values", [(NAME, VALID), (ALIAS, OTHER)]),
+    Case("two equal lines", [(NAME, VALID), (NAME, VALID)], True, wsgi_continues=False),
+    Case("both names, same value", [(NAME, VALID), (ALIAS, VALID)], True),
+    Case("upper-case name", [(b"X-Laminar-Span-Context", VALID)], True),
+    Case("NaN in metadata", [(NAME, obj(metadata={"x": float("nan")}))], True),
+    Case("metadata three levels deep", [(NAME, obj(metadata={"a": {"b": {"c": 1}}}))], True),
+    Case("paths of the wrong type", [(NAME, obj(span_path=[1, 2], span_ids_path="x"))], True),
+    Case("non-ASCII names", [(NAME, obj(span_path=["ñandú ✓"], span_ids_path=[SPAN]))], True),
+    Case("unknown keys and trace type", [(NAME, obj(trace_type="WHAT", extra={"k": 1}))], True),
+    Case("many junk headers", [(f"x-junk-{i}".encode(), b"v" * 100) for i in range(200)]),
+    Case("bad traceparent too", [(NAME, b"{nope"), (b"traceparent", b"00-zz-zz-01")]),
+]
+
+
+# -- the apps ---------------------------------------------------------------------------------
+
+
+async def starlette_endpoint(request: Request) -> JSONResponse:
+    return JSONResponse({"item": request.path_params["item_id"]}, headers={"x-app": "1"})
+
+
+STARLETTE = Starlette(routes=[Route("/items/{item_id}", starlette_endpoint)])
+
+FLASK = Flask(__name__)
+
+
+@FLASK.get("/items/<item_id>")
+def flask_endpoint(item_id: str) -> tuple[dict[str, str], int, dict[str, str]]:
+    return {"item": item_id}, 200, {"X-App": "1"}
+
+
+FLASK_WSGI = FLASK.wsgi_app
+
+
+# -- raw calls --------------------------------------------------------------------------------
+
+
+def asgi_scope(headers: Sequence[tuple[bytes, bytes]], path: str = "/items/7") -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), *headers],
+        "client": ("10.0.0.1", 4321),
+        "server": ("testserver", 80),
+    }
+
+
+async def call_asgi(app: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        messages.append(dict(message))
+
+    await app(scope, receive, send)
+    return messages
+
+
+def wsgi_environ(headers: Sequence[tuple[bytes, bytes]], path: str = "/items/7") -> dict[str, Any]:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "10.0.0.1",
+        "HTTP_HOST": "testserver",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": io.StringIO(),
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    for name, value in headers:
+        # As a WSGI server does it: latin-1 strings, repeated lines joined with ",".
+        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+        text = value.decode("latin-1")
+        environ[key] = f"{environ[key]},{text}" if key in environ else text
+    return environ
+
+
+def call_wsgi(app: Any, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+    started: list[Any] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        started.append((status, list(headers)))
+        return lambda data: None
+
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    status, headers = started[0]
+    return status, headers, body
+
+
+def ours(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
+    return [
+        s
+        for s in exporter.get_finished_spans()
+        if s.kind is SpanKind.SERVER and s.instrumentation_scope.name == SCOPE
+    ]
+
+
+def check_span(span: ReadableSpan, continues: bool) -> None:
+    assert span.end_time is not None
+    if continues:
+        assert span.parent is not None
+        assert (span.context.trace_id, span.parent.span_id) == (REMOTE.trace_id, REMOTE.span_id)
+    else:
+        assert span.parent is None
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+async def test_hostile_headers_asgi(case: Case, exporter: InMemorySpanExporter) -> None:
+    wrapped = LaminarASGIMiddleware(STARLETTE)
+    expected = await call_asgi(STARLETTE, asgi_scope(case.headers))
+    exporter.clear()
+    before = trace.get_current_span()
+    got = await call_asgi(wrapped, asgi_scope(case.headers))
+    assert trace.get_current_span() is before
+    assert got == expected
+    assert expected[0]["status"] == 200
+    (span,) = ours(exporter)
+    check_span(span, case.asgi_continues)
+    assert span.name == "GET /items/{item_id}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+def test_hostile_headers_wsgi(case: Case, exporter: InMemorySpanExporter) -> None:
+    wrapped = LaminarWSGIMiddleware(FLASK_WSGI)
+    expected = call_wsgi(FLASK_WSGI, wsgi_environ(case.headers))
+    exporter.clear()
+    before = trace.get_current_span()
+    got = call_wsgi(wrapped, wsgi_environ(case.headers))
+    assert trace.get_current_span() is before
+    assert got == expected
+    assert expected[0] == "200 OK"
+    (span,) = ours(exporter)
+    check_span(span, case.wsgi)
+    assert span.name == "GET /items/<item_id>"
+
+
+def test_bad_headers_are_logged_rate_limited_and_never_in_full(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_guard, "_bad_input", _guard.RateLimitedLogger(_guard.logger))
+    secret = b'{"trace_id":"' + b"s" * 500 + b'"}'
+    wrapped = LaminarWSGIMiddleware(FLASK_WSGI)
+    with caplog.at_level(logging.WARNING, logger="laminar_middleware"):
+        for _ in range(15):
+            call_wsgi(wrapped, wsgi_environ([(NAME, secret)]))
+        call_wsgi(wrapped, wsgi_environ([(NAME, b"")]))  # empty: no log line
+    lines = [r.getMessage() for r in caplog.records if r.name == "laminar_middleware"]
+    assert len(lines) == 10
+    assert all("s" * 100 not in line for line in lines)
+
+
+# -- strange scopes, strange apps -------------------------------------------------------------
+
+
+async def plain_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"a", b"b")]})
+    await send({"type": "http.response.body", "body": b"plain"})
+
+
+STRANGE_SCOPES: list[dict[str, Any]] = [
+    {"type": "http"},
+    {"type": "http", "method": "GET"},
+    {"type": "http", "method": "GET", "path": "/", "headers": None},
+    {"type": "http", "method": "GET", "path": "/", "headers": [(b"a", b"b", b"c")]},
+    {"type": "http", "method": "GET", "path": "/", "headers": [("host", "str")]},
+    {"type": "http", "method": 7, "path": "/", "client": "weird", "server": 5},
+    {"type": "http", "method": "GET\x00", "path": "/\udcff", "scheme": None},
+    {"type": "http", "method": "GET", "path": "/", "headers": [(NAME, VALID)], "client": []},
+    {"type": "unknown-extension"},
+]
+
+
+@pytest.mark.parametrize("scope", STRANGE_SCOPES, ids=[str(i) for i in range(len(STRANGE_SCOPES))])
+async def test_strange_scopes_pass_through(
+    scope: dict[str, Any], exporter: InMemorySpanExporter
+) -> None:
+    expected = await call_asgi(plain_app, dict(scope))
+    exporter.clear()
+    got = await call_asgi(LaminarASGIMiddleware(plain_app), dict(scope))
+    assert got == expected
+    assert len(ours(exporter)) <= 1
+    assert all(s.end_time is not None for s in ours(exporter))
+
+
+class Failure(Exception):
+    pass
+
+
+FAILURE = Failure("the app failed")
+
+
+async def raising_app(scope: Any, receive: Any, send: Any) -> None:
+    raise FAILURE
+
+
+async def test_app_exception_escapes_unchanged(exporter: InMemorySpanExporter) -> None:
+    with pytest.raises(Failure) as raised:
+        await call_asgi(LaminarASGIMiddleware(raising_app), asgi_scope([(NAME, VALID)]))
+    assert raised.value is FAILURE
+    (span,) = ours(exporter)
+    assert span.status.status_code is StatusCode.ERROR
+    assert dict(span.attributes or {})["error.type"] == "test_inbound_hostile.Failure"
+
+
+def test_wsgi_app_exception_escapes_unchanged(exporter: InMemorySpanExporter) -> None:
+    def app(environ: Any, start_response: Any) -> Any:
+        raise FAILURE
+
+    with pytest.raises(Failure) as raised:
+        call_wsgi(LaminarWSGIMiddleware(app), wsgi_environ([(NAME, VALID)]))
+    assert raised.value is FAILURE
+    (span,) = ours(exporter)
+    assert span.status.status_code is StatusCode.ERROR
+
+
+def test_wsgi_generator_failing_midway_ends_the_span_once(exporter: InMemorySpanExporter) -> None:
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"first"
+        raise FAILURE
+
+    with pytest.raises(Failure):
+        call_wsgi(LaminarWSGIMiddleware(app), wsgi_environ([]))
+    (span,) = ours(exporter)
+    assert span.status.status_code is StatusCode.ERROR
+    assert dict(span.attributes or {})["http.response.status_code"] == 200
+
+
+async def test_disconnect_while_sending_ends_the_span_once(exporter: InMemorySpanExporter) -> None:
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("client went away")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(OSError):
+        await LaminarASGIMiddleware(plain_app)(asgi_scope([]), receive, send)
+    (span,) = ours(exporter)
+    assert span.end_time is not None
+
+
+async def test_app_without_a_response_is_marked_incomplete(exporter: InMemorySpanExporter) -> None:
+    async def silent_app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    assert await call_asgi(LaminarASGIMiddleware(silent_app), asgi_scope([])) == []
+    (span,) = ours(exporter)
+    assert span.status.status_code is StatusCode.ERROR
+    assert dict(span.attributes or {})["error.type"] == "incomplete_response"
+
+
+async def test_raising_trust_policy_fails_safe(exporter: InMemorySpanExporter) -> None:
+    def policy(scope: Any) -> str:
+        raise RuntimeError("policy bug")
+
+    expected = await call_asgi(STARLETTE, asgi_scope([(NAME, VALID)]))
+    exporter.clear()
+    got = await call_asgi(
+        LaminarASGIMiddleware(STARLETTE, trust=policy), asgi_scope([(NAME, VALID)])
+    )
+    assert got == expected
+    (span,) = ours(exporter)
+    assert span.parent is None and span.links[0].context.span_id == REMOTE.span_id
+
+
+# -- failures inside OpenTelemetry ------------------------------------------------------------
+
+
+class RaisingProcessor(SpanProcessor):
+    def __init__(self, on_start: bool, on_end: bool) -> None:
+        self.raise_on_start = on_start
+        self.raise_on_end = on_end
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.raise_on_start:
+            raise RuntimeError("processor on_start failed")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.raise_on_end:
+            raise RuntimeError("processor on_end failed")
+
+
+@pytest.mark.parametrize("where", ["on_start", "on_end"])
+async def test_raising_span_processor_changes_no_response(
+    where: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_guard, "_internal", _guard.RateLimitedLogger(_guard.logger))
+    provider = TracerProvider()
+    exported = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    provider.add_span_processor(RaisingProcessor(where == "on_start", where == "on_end"))
+    asgi = LaminarASGIMiddleware(STARLETTE, tracer_provider=provider)
+    wsgi = LaminarWSGIMiddleware(FLASK_WSGI, tracer_provider=provider)
+    with caplog.at_level(logging.WARNING, logger="laminar_middleware"):
+        for _ in range(3):
+            scope = asgi_scope([(NAME, VALID)])
+            assert await call_asgi(asgi, scope) == await call_asgi(STARLETTE, asgi_scope([]))
+            environ = wsgi_environ([(NAME, VALID)])
+            assert call_wsgi(wsgi, environ) == call_wsgi(FLASK_WSGI, wsgi_environ([]))
+    assert any("internal error" in r.getMessage() for r in caplog.records)
+    if where == "on_end":
+        # The span was started and ended (the exporter's processor ran first).
+        assert len(exported.get_finished_spans()) == 6
+
+
+def test_wsgi_response_is_sized_exactly_when_the_apps_is() -> None:
+    def sized(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [])
+        return [b"one chunk"]
+
+    def unsized(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [])
+        return iter([b"one chunk"])
+
+    for app in (sized, unsized):
+        inner = app(wsgi_environ([]), lambda *a: None)
+        result = LaminarWSGIMiddleware(app)(wsgi_environ([]), lambda *a: None)
+        # Servers (wsgiref, waitress) call len() whenever __len__ exists.
+        assert hasattr(result, "__len__") == hasattr(inner, "__len__")
+        if hasattr(inner, "__len__"):
+            assert len(result) == len(inner) == 1  # type: ignore[arg-type]
+        assert list(result) == [b"one chunk"]
+        result.close()  # type: ignore[attr-defined]
+
+
+def test_random_bytes_never_change_the_response(exporter: InMemorySpanExporter) -> None:
+    rng = random.Random(1234)
+    wrapped = LaminarWSGIMiddleware(FLASK_WSGI)
+    expected = call_wsgi(FLASK_WSGI, wsgi_environ([]))
+    for _ in range(200):
+        value = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 300)))
+        if rng.random() < 0.5:
+            value = b"{" + value
+        assert call_wsgi(wrapped, wsgi_environ([(NAME, value)])) == expected
+    assert len(ours(exporter)) == 200
+
+
+async def test_custom_header_names_replace_the_default(exporter: InMemorySpanExporter) -> None:
+    wrapped = LaminarASGIMiddleware(STARLETTE, header_names=["X-Trace-Context"])
+    await call_asgi(wrapped, asgi_scope([(b"x-trace-context", VALID)]))
+    await call_asgi(wrapped, asgi_scope([(NAME, VALID)]))
+    continued, ignored = ours(exporter)
+    check_span(continued, True)
+    check_span(ignored, False)
