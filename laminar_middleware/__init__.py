@@ -19,15 +19,20 @@ from .context import (
     inject,
     serialize_span_context,
 )
+from .processor import LaminarPathSpanProcessor
 from .propagator import LaminarPropagator
 
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers
+    from ._auto import instrument, uninstrument
     from .asgi import LaminarASGIMiddleware
+    from .httpx import instrument_httpx, uninstrument_httpx
+    from .requests import instrument_requests, uninstrument_requests
     from .wsgi import LaminarWSGIMiddleware
 
 __all__ = [
     "HEADER_NAME",
     "LaminarASGIMiddleware",
+    "LaminarPathSpanProcessor",
     "LaminarPropagator",
     "LaminarSpanContext",
     "LaminarWSGIMiddleware",
@@ -36,7 +41,13 @@ __all__ = [
     "deserialize_span_context",
     "extract",
     "inject",
+    "instrument",
+    "instrument_httpx",
+    "instrument_requests",
     "serialize_span_context",
+    "uninstrument",
+    "uninstrument_httpx",
+    "uninstrument_requests",
 ]
 
 # Names whose modules import a framework or client: loaded on first access.
@@ -47,6 +58,8 @@ _LAZY: dict[str, str] = {
     "uninstrument_httpx": ".httpx",
     "instrument_requests": ".requests",
     "uninstrument_requests": ".requests",
+    "instrument": "._auto",
+    "uninstrument": "._auto",
 }
 
 

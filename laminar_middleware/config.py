@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 from urllib.parse import urlsplit
 
 from ._guard import guard, logger
@@ -35,7 +35,9 @@ Trust = Literal["continue", "restart", "ignore"]
 TRUST_MODES: Final[frozenset[str]] = frozenset({"continue", "restart", "ignore"})
 TrustOption = Trust | Callable[[Any], str]
 PropagateToEntry = str | re.Pattern[str]
-PropagateToOption = str | Iterable[PropagateToEntry] | Callable[[str], bool] | None
+PropagateToOption: TypeAlias = (
+    "str | Iterable[PropagateToEntry] | Callable[[str], bool] | PropagationTargets | None"
+)
 ExcludedPathsOption = Iterable[str | re.Pattern[str]] | str | None
 
 
@@ -97,6 +99,9 @@ class PropagationTargets:
         self._suffixes: tuple[str, ...] = ()
         self._patterns: list[re.Pattern[str]] = []
         self._callable: Callable[[str], bool] | None = None
+        if isinstance(option, PropagationTargets):
+            self.__dict__.update(option.__dict__)
+            return
         if option is None:
             option = os.environ.get(ENV_PROPAGATE_TO, "")
             self._load(_split(option), source=ENV_PROPAGATE_TO)

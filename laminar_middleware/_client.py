@@ -1,0 +1,474 @@
+"""Outbound: what one client call does, once, for every client adapter.
+
+`OutboundHook` is built when a client is instrumented (options parsed, tracer found, method
+table ready); per call an adapter (httpx.py, requests.py) translates its request into
+`begin(...)` and its outcome into the returned `Call`. Nothing here imports a client library.
+
+Per call, in order:
+
+1. OpenTelemetry's `suppress_instrumentation()` is on (an exporter sending spans): nothing.
+2. One of our own hooks is already handling this very request further out (a wrapped
+   transport on an instrumented client, a session instrumented both globally and on its
+   own): nothing, so stacking gives one span and one header. A *different* request inside
+   our call is a redirect hop (requests follows redirects inside `Session.send`): the
+   headers we added are kept only if the new host may receive them.
+3. No valid current span: nothing (no header, no span): a call outside any trace is not
+   worth a trace of its own.
+4. Another HTTP instrumentation (the contrib httpx/requests ones) already opened this call's
+   CLIENT span further out: no second span; the Laminar header names that span (it has
+   already injected the W3C headers itself).
+5. Otherwise a CLIENT span, child of the current span, named by the method; the Laminar
+   header names it, and the global OpenTelemetry propagator's headers (W3C `traceparent`
+   by default) are added beside it. The inner call runs with that span current and inside
+   OpenTelemetry's `suppress_http_instrumentation()`, so contrib instrumentation further in
+   skips its own span (one CLIENT span per call).
+
+Every header we add obeys `propagate_to` and the signed-request rule; a header the caller
+set (either Laminar name, any case; `traceparent`, ...) is never replaced.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Container, Mapping, MutableMapping
+from typing import Any, Final, cast
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import Setter, TextMapPropagator
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.http_attributes import (
+    HTTP_REQUEST_METHOD,
+    HTTP_REQUEST_METHOD_ORIGINAL,
+    HTTP_RESPONSE_STATUS_CODE,
+)
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
+from opentelemetry.semconv.attributes.url_attributes import URL_FULL
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.util.types import AttributeValue
+
+from ._guard import guard
+from ._lmnr import active_bridge
+from .codec import HEADER_NAME, HEADER_NAME_ALIAS, LaminarSpanContext
+from .config import PropagateToOption, PropagationTargets, is_signed_request
+from .context import (
+    ASSOCIATION_PREFIX,
+    SPAN_IDS_PATH,
+    SPAN_PATH,
+    get_tracer,
+    set_path_attributes,
+    span_context_of,
+)
+from .propagator import LaminarPropagator
+
+__all__ = ["EXTENSION_KEY", "Call", "Headers", "OutboundHook", "finish_or_end", "redact_url"]
+
+# What both clients' header containers give us: case-insensitive get/contains/set/delete.
+Headers = MutableMapping[str, str]
+
+# Where the httpx adapter remembers, on the request, the headers it added: httpx copies a
+# request's extensions onto its redirect requests, so the next hop can recognise them.
+EXTENSION_KEY: Final = "laminar_middleware.injected"
+
+_SUPPRESS_KEY: Final[str] = getattr(
+    otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation"
+)
+_SUPPRESS_KEY_PLAIN: Final = "suppress_instrumentation"
+_SUPPRESS_HTTP_KEY: Final[str | None] = getattr(
+    otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None
+)
+_CALL_KEY: Final = otel_context.create_key("laminar_middleware.outbound_call")
+
+_KNOWN_METHODS: Final = (
+    "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE",
+)  # fmt: skip
+# method -> (span name, start attributes), per the HTTP client span conventions.
+_METHODS: Final[dict[str, tuple[str, dict[str, AttributeValue]]]] = {
+    method: (method, {HTTP_REQUEST_METHOD: method}) for method in _KNOWN_METHODS
+}
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_HTTP_METHOD_KEYS: Final = (HTTP_REQUEST_METHOD, "http.method")
+# Query parameters whose values the conventions say url.full must not show.
+_SENSITIVE_QUERY: Final = re.compile(
+    r"([?&](?:AWSAccessKeyId|Signature|sig|X-Goog-Signature)=)[^&#]*"
+)
+
+
+def _method_info(method: str) -> tuple[str, dict[str, AttributeValue]]:
+    info = _METHODS.get(method)
+    if info is not None:
+        return info
+    upper = method.upper()
+    if upper in _METHODS:
+        return upper, {HTTP_REQUEST_METHOD: upper, HTTP_REQUEST_METHOD_ORIGINAL: method}
+    return "HTTP", {HTTP_REQUEST_METHOD: "_OTHER", HTTP_REQUEST_METHOD_ORIGINAL: method}
+
+
+@functools.lru_cache(maxsize=256)
+def redact_url(url: str) -> str:
+    """url.full as the conventions want it: no userinfo credentials, no signature values."""
+    start = url.find("://")
+    if start >= 0:
+        start += 3
+        end = len(url)
+        for mark in "/?#":
+            found = url.find(mark, start)
+            if 0 <= found < end:
+                end = found
+        at = url.rfind("@", start, end)
+        if at >= 0:
+            url = f"{url[:start]}REDACTED:REDACTED@{url[at + 1 :]}"
+    if "?" in url:
+        url = _SENSITIVE_QUERY.sub(r"\1REDACTED", url)
+    return url
+
+
+def _is_http_client_span(span: Span) -> bool:
+    """A CLIENT span that some HTTP instrumentation opened for the call being made."""
+    if getattr(span, "kind", None) is not SpanKind.CLIENT:
+        return False
+    attributes: Mapping[str, Any] | None = getattr(span, "attributes", None)
+    return attributes is not None and any(key in attributes for key in _HTTP_METHOD_KEYS)
+
+
+_HEADER_LOWER: Final = HEADER_NAME.lower()
+
+
+def _has_laminar_header(present: Container[str]) -> bool:
+    return _HEADER_LOWER in present or HEADER_NAME_ALIAS in present
+
+
+def _strip(headers: Headers, added: Mapping[str, str]) -> None:
+    """Remove headers an earlier hop of ours added (same name, same value) and nothing else."""
+    for name, value in added.items():
+        if headers.get(name) == value:
+            del headers[name]
+
+
+_w3c_cache: tuple[object, TextMapPropagator | None] = (None, None)
+
+
+def _w3c_propagator() -> TextMapPropagator | None:
+    """The global propagator without `LaminarPropagator` (we write that header ourselves),
+    recomputed only when the global propagator is replaced."""
+    global _w3c_cache
+    textmap = propagate.get_global_textmap()
+    seen, filtered = _w3c_cache
+    if seen is textmap:
+        return filtered
+    filtered = _without_laminar(textmap)
+    _w3c_cache = (textmap, filtered)
+    return filtered
+
+
+def _without_laminar(textmap: TextMapPropagator) -> TextMapPropagator | None:
+    if isinstance(textmap, LaminarPropagator):
+        return None
+    inner = getattr(textmap, "_propagators", None)
+    if isinstance(textmap, CompositePropagator) and isinstance(inner, (list, tuple)):
+        kept = [p for p in inner if not isinstance(p, LaminarPropagator)]
+        if len(kept) == len(inner):
+            return textmap
+        return CompositePropagator(kept) if kept else None
+    return textmap
+
+
+class _Carrier:
+    """The request's headers as the global propagator sees them: it may add, not replace."""
+
+    __slots__ = ("added", "headers", "present")
+
+    def __init__(self, headers: Headers, present: Container[str], added: dict[str, str]) -> None:
+        self.headers = headers
+        self.present = present
+        self.added = added
+
+
+class _AddMissing(Setter[_Carrier]):
+    def set(self, carrier: _Carrier, key: str, value: str) -> None:
+        if key.lower() not in carrier.present:
+            carrier.headers[key] = value
+            carrier.added[key] = value
+
+
+_ADD_MISSING: Final = _AddMissing()
+
+
+class Call:
+    """One outgoing request in flight: its span (if any), the headers we added, the
+    context token. Every method is safe to call in any state and never raises."""
+
+    __slots__ = ("_ended", "injected", "key", "span", "token")
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        self.span: Span | None = None
+        self.injected: dict[str, str] = {}
+        self.token: object = None
+        self._ended = False
+
+    def detach(self) -> None:
+        """Leave the context `begin` attached; call right after the inner send returns."""
+        token, self.token = self.token, None
+        if token is not None:
+            guard("outbound context detach", None, otel_context.detach, token)
+
+    def respond(self, status_code: object) -> None:
+        """The response's status line has arrived."""
+        if self.span is not None and isinstance(status_code, int):
+            guard("outbound response", None, _set_status_code, self.span, status_code)
+
+    def error(self, exc: BaseException) -> None:
+        """The call (or reading its body) raised `exc`."""
+        if self.span is not None:
+            guard("outbound error", None, _record_error, self.span, exc)
+
+    def end(self) -> None:
+        """End the span (once): the response is closed, or there will be none."""
+        if self._ended:
+            return
+        self._ended = True
+        if self.span is not None:
+            guard("outbound span end", None, self.span.end)
+
+    def fail(self, exc: BaseException) -> None:
+        """The inner send raised: detach, record, end. The caller re-raises `exc` itself."""
+        self.detach()
+        self.error(exc)
+        self.end()
+
+
+def _set_status_code(span: Span, status_code: int) -> None:
+    span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status_code)
+    if status_code >= 500:
+        span.set_attribute(ERROR_TYPE, str(status_code))
+        span.set_status(Status(StatusCode.ERROR))
+
+
+def _record_error(span: Span, exc: BaseException) -> None:
+    name = type(exc).__qualname__
+    span.set_attribute(ERROR_TYPE, name)
+    if isinstance(exc, Exception):
+        span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, name))
+
+
+class OutboundHook:
+    """The per-call logic of every client adapter, configured once.
+
+    `propagate_to`: see `config.PropagationTargets` (None: `LAMINAR_PROPAGATE_TO`, unset:
+    every host). `client_spans=False`: no CLIENT span; the header names the current span.
+    `enabled` is cleared by uninstrument so any wrapper left behind passes calls through.
+    """
+
+    __slots__ = ("_fixed_provider", "_targets", "_tracer", "client_spans", "enabled")
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        propagate_to: PropagateToOption = None,
+        client_spans: bool = True,
+    ) -> None:
+        self._tracer = get_tracer(tracer_provider)
+        self._fixed_provider = tracer_provider is not None
+        # No path processor is added here (the middlewares add it for the spans an app
+        # starts under theirs): a client span is a leaf, and its own path is set in begin.
+        targets = PropagationTargets(propagate_to)
+        self._targets: PropagationTargets | None = None if targets.everywhere else targets
+        self.client_spans = bool(client_spans)
+        self.enabled = True
+
+    def may_send(
+        self, url: str, host: str | None, query: str, headers: Headers, present: Container[str]
+    ) -> bool:
+        """May this request carry our headers: an allowed host, and not a signed request."""
+        if query or "authorization" in present:
+            authorization = headers.get("authorization") if "authorization" in present else None
+            if is_signed_request(authorization, query):
+                return False
+        targets = self._targets
+        return targets is None or targets.allows(url, host)
+
+    def begin(
+        self,
+        key: object,
+        method: str,
+        url: str,
+        host: str | None,
+        port: int | None,
+        scheme: str,
+        query: str,
+        headers: Headers,
+        present: Container[str],
+        previous: Mapping[str, str] | None = None,
+    ) -> Call | None:
+        """Before the inner send: maybe start a span, add headers, attach a context.
+
+        `key` identifies the request object (the same object through stacked wrappers);
+        `present` holds the lowercased names of the headers the request has (a set, or a
+        case-insensitive mapping); `previous` are headers an earlier send of this request
+        (or the hop it was redirected from) added. Returns None when there is nothing to
+        finish afterwards.
+        Adapters call this through `guard`: if it raises, the request goes out as it is.
+        """
+        ctx = otel_context.get_current()
+        if ctx.get(_SUPPRESS_KEY) or ctx.get(_SUPPRESS_KEY_PLAIN):
+            return None
+        outer = cast("Call | None", ctx.get(_CALL_KEY))
+        if outer is not None:
+            if outer.key is not key:
+                self._redirect_hop(outer, url, host, query, headers)
+            return None
+        if previous:
+            _strip(headers, previous)
+            present = {name.lower() for name in headers}
+        parent = trace.get_current_span(ctx)
+        parent_span_context = parent.get_span_context()
+        if not parent_span_context.is_valid:
+            return None
+
+        foreign = _is_http_client_span(parent)
+        if foreign or (_SUPPRESS_HTTP_KEY is not None and ctx.get(_SUPPRESS_HTTP_KEY)):
+            # Another instrumentation owns this call's span (or HTTP instrumentation is
+            # suppressed on purpose): no span of ours; name its span in the Laminar header.
+            if (
+                foreign
+                and not _has_laminar_header(present)
+                and self.may_send(url, host, query, headers, present)
+            ):
+                value = span_context_of(parent)
+                if value is not None:
+                    headers[HEADER_NAME] = value.serialize()
+            return None
+
+        call = Call(key)
+        if self.client_spans:
+            name, method_attributes = _method_info(method)
+            attributes: dict[str, AttributeValue] = dict(method_attributes)
+            attributes[URL_FULL] = redact_url(url)
+            if host:
+                attributes[SERVER_ADDRESS] = host
+                port = port or _DEFAULT_PORTS.get(scheme)
+                if port:
+                    attributes[SERVER_PORT] = port
+            parent_attributes: Mapping[str, Any] | None = getattr(parent, "attributes", None)
+            associated = False
+            if parent_attributes:
+                for attribute, value in parent_attributes.items():
+                    if attribute.startswith(ASSOCIATION_PREFIX):
+                        attributes[attribute] = value
+                        associated = True
+            tracer = self._tracer
+            if not self._fixed_provider:
+                # With Laminar's SDK initialized, client spans go where its spans go.
+                bridge = active_bridge()
+                if bridge is not None:
+                    tracer = get_tracer(bridge.tracer_provider())
+            span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
+            call.span = span
+            try:
+                target = self._name_client_span(
+                    span, name, parent, parent_span_context, parent_attributes, associated
+                )
+                # One new context: our span current, contrib HTTP instrumentation inside
+                # suppressed, and the marker that makes stacked hooks of ours stand aside.
+                values = dict(trace.set_span_in_context(span, ctx))
+                if _SUPPRESS_HTTP_KEY is not None:
+                    values[_SUPPRESS_HTTP_KEY] = True
+                values[_CALL_KEY] = call
+                new_ctx = otel_context.Context(values)
+                if self.may_send(url, host, query, headers, present):
+                    self._inject(call, headers, present, target, new_ctx)
+                call.token = otel_context.attach(new_ctx)
+            except BaseException:
+                call.end()
+                raise
+            return call
+        if self.may_send(url, host, query, headers, present):
+            self._inject(call, headers, present, span_context_of(parent), ctx)
+        call.token = otel_context.attach(otel_context.set_value(_CALL_KEY, call, ctx))
+        return call
+
+    @staticmethod
+    def _name_client_span(
+        span: Span,
+        name: str,
+        parent: Span,
+        parent_span_context: trace.SpanContext,
+        parent_attributes: Mapping[str, Any] | None,
+        associated: bool,
+    ) -> LaminarSpanContext | None:
+        """The context the header carries: the client span's, with its Laminar path.
+
+        Where the path processor (or Laminar's own, on its provider) is installed, it has
+        already extended the parent's path in `on_start`; otherwise it is done here. A
+        parent without a Laminar path gives none to the client span either.
+        """
+        span_context = span.get_span_context()
+        if not span_context.is_valid or span_context.span_id == parent_span_context.span_id:
+            # No SDK (a no-op tracer hands back the parent's context): name the parent.
+            return span_context_of(parent)
+        own: Mapping[str, Any] | None = getattr(span, "attributes", None)
+        if (
+            own is not None
+            and SPAN_PATH not in own
+            and parent_attributes
+            and SPAN_PATH in parent_attributes
+        ):
+            set_path_attributes(
+                span,
+                name,
+                parent_attributes[SPAN_PATH],
+                parent_attributes.get(SPAN_IDS_PATH, ()),
+            )
+        if associated or own is None:
+            return span_context_of(span)
+        # Nothing but ids and paths to carry: no need to scan the attributes.
+        return LaminarSpanContext(
+            span_context.trace_id,
+            span_context.span_id,
+            own.get(SPAN_PATH, ()),
+            own.get(SPAN_IDS_PATH, ()),
+        )
+
+    @staticmethod
+    def _inject(
+        call: Call,
+        headers: Headers,
+        present: Container[str],
+        target: LaminarSpanContext | None,
+        ctx: otel_context.Context,
+    ) -> None:
+        added = call.injected
+        if target is not None and not _has_laminar_header(present):
+            value = target.serialize()
+            headers[HEADER_NAME] = value
+            added[HEADER_NAME] = value
+        w3c = _w3c_propagator()
+        if w3c is not None:
+            w3c.inject(_Carrier(headers, present, added), ctx, _ADD_MISSING)
+
+    def _redirect_hop(
+        self, outer: Call, url: str, host: str | None, query: str, headers: Headers
+    ) -> None:
+        """A new request sent from inside our call (requests following a redirect): keep
+        the headers we added only if the new target may receive them."""
+        added = outer.injected
+        if not added:
+            return
+        if self.may_send(url, host, query, headers, headers):
+            for name, value in added.items():
+                if name not in headers:
+                    headers[name] = value
+        else:
+            _strip(headers, added)
+
+
+def finish_or_end(call: Call, wrap: Callable[[], bool]) -> None:
+    """After the inner send returned: let `wrap` arrange for the span to end when the
+    response is closed; when it cannot (or raises), end the span now."""
+    if call.span is None or not guard("outbound response wrapper", False, wrap):
+        call.end()

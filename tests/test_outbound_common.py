@@ -1,0 +1,187 @@
+"""Outbound, shared by the httpx and requests tests: the echo server they call, helpers to
+read what it received, and tests of the shared layer (`_client.py`) on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qs
+
+from conftest import run_uvicorn
+from opentelemetry import trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from laminar_middleware import HEADER_NAME, LaminarPropagator, LaminarSpanContext
+from laminar_middleware._client import _method_info, _without_laminar, redact_url
+
+TRACER = trace.get_tracer("tests.outbound")
+SIGV4 = (
+    "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260101/us-east-1/s3/aws4_request, "
+    "SignedHeaders=host;x-amz-date, Signature=abcdef0123456789"
+)
+
+
+async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A raw ASGI app that answers with every request header line it got, in order.
+
+    /status/<n> answers n; /sleep?s=<seconds> sleeps first; /redirect?to=<url> answers 302;
+    /stream sends the JSON line, then three more chunks.
+    """
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    path = scope["path"]
+    query = parse_qs(scope["query_string"].decode())
+    status = 200
+    extra: list[tuple[bytes, bytes]] = []
+    if path.startswith("/status/"):
+        status = int(path.rsplit("/", 1)[1])
+    elif path == "/sleep":
+        await asyncio.sleep(float(query.get("s", ["0.5"])[0]))
+    elif path == "/redirect":
+        status = 302
+        extra.append((b"location", query["to"][0].encode()))
+    body = json.dumps(
+        {
+            "path": path,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
+        }
+    ).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), *extra],
+    }
+    await send(start)
+    if path == "/stream":
+        await send({"type": "http.response.body", "body": body + b"\n", "more_body": True})
+        for i in range(3):
+            await send({"type": "http.response.body", "body": b"chunk%d\n" % i, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextmanager
+def echo_server() -> Iterator[str]:
+    with run_uvicorn(echo_app) as base:
+        yield base
+
+
+def closed_port_url() -> str:
+    """A URL on loopback where nothing listens: connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def other_host(base: str) -> str:
+    """The same server under a second host name."""
+    return base.replace("127.0.0.1", "localhost")
+
+
+def values(payload: dict[str, Any], name: str) -> list[str]:
+    """Every line of one header the server received (any case)."""
+    return [v for k, v in payload["headers"] if k.lower() == name.lower()]
+
+
+def only(payload: dict[str, Any], name: str) -> str | None:
+    """The header's single value, None when absent; fails when it came more than once."""
+    found = values(payload, name)
+    assert len(found) <= 1, f"{name} sent {len(found)} times: {found}"
+    return found[0] if found else None
+
+
+def laminar(payload: dict[str, Any]) -> LaminarSpanContext | None:
+    value = only(payload, HEADER_NAME)
+    return None if value is None else LaminarSpanContext.parse(value)
+
+
+def client_spans(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
+    return [s for s in spans if s.kind is SpanKind.CLIENT]
+
+
+def span_id(span: Any) -> int:
+    return int(span.get_span_context().span_id)
+
+
+def assert_names(payload: dict[str, Any], span: Any) -> None:
+    """The Laminar header and traceparent both name `span`, once each."""
+    context = span.get_span_context()
+    remote = laminar(payload)
+    assert remote is not None
+    assert (remote.trace_id, remote.span_id) == (context.trace_id, context.span_id)
+    traceparent = only(payload, "traceparent")
+    assert traceparent is not None
+    assert traceparent.split("-")[1:3] == [f"{context.trace_id:032x}", f"{context.span_id:016x}"]
+
+
+def assert_nothing_sent(payload: dict[str, Any]) -> None:
+    for name in (HEADER_NAME, "laminar-span-context", "traceparent", "tracestate", "baggage"):
+        assert values(payload, name) == [], name
+
+
+class Exploding(SpanProcessor):
+    def __init__(self, on_start: bool = False, on_end: bool = False) -> None:
+        self.start, self.end = on_start, on_end
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.start:
+            raise RuntimeError("on_start exploded")
+
+    def on_end(self, span: Any) -> None:
+        if self.end:
+            raise RuntimeError("on_end exploded")
+
+
+# --- the shared layer on its own ---------------------------------------------------------
+
+
+def test_redact_url_removes_credentials_and_signatures() -> None:
+    assert redact_url("http://user:pw@h:1/p?q=1") == "http://REDACTED:REDACTED@h:1/p?q=1"
+    assert redact_url("https://h/p?a=1&Signature=s3cr3t&sig=x#f") == (
+        "https://h/p?a=1&Signature=REDACTED&sig=REDACTED#f"
+    )
+    assert redact_url("http://h/p?X-Goog-Signature=abc") == "http://h/p?X-Goog-Signature=REDACTED"
+    # An @ in the path is not userinfo.
+    assert redact_url("http://h/users/@me") == "http://h/users/@me"
+
+
+def test_method_names_follow_the_conventions() -> None:
+    assert _method_info("GET") == ("GET", {"http.request.method": "GET"})
+    name, attributes = _method_info("get")
+    assert name == "GET" and attributes["http.request.method_original"] == "get"
+    name, attributes = _method_info("PURGE")
+    assert name == "HTTP" and attributes["http.request.method"] == "_OTHER"
+
+
+def test_global_propagator_without_laminar() -> None:
+    tracecontext = TraceContextTextMapPropagator()
+    assert _without_laminar(LaminarPropagator()) is None
+    assert _without_laminar(tracecontext) is tracecontext
+    plain = CompositePropagator([tracecontext, W3CBaggagePropagator()])
+    assert _without_laminar(plain) is plain
+    filtered = _without_laminar(CompositePropagator([tracecontext, LaminarPropagator()]))
+    assert isinstance(filtered, CompositePropagator)
+    carrier: dict[str, str] = {}
+    with TRACER.start_as_current_span("s"):
+        filtered.inject(carrier)
+    assert list(carrier) == ["traceparent"]
