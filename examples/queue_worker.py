@@ -1,3 +1,4 @@
+# Run: python examples/queue_worker.py   (self-contained: prints its spans as JSON)
 """The queue pattern: a producer puts its span context into a message, a worker continues it.
 
 Run: python examples/queue_worker.py

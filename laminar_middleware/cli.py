@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import re
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .codec import LaminarSpanContext, format_uuid, parse_with_reason
+from .codec import (
+    HEADER_NAME,
+    HEADER_NAME_ALIAS,
+    LaminarSpanContext,
+    format_uuid,
+    parse_with_reason,
+)
 
 __all__ = ["main"]
 
@@ -32,12 +41,38 @@ def _plain(value: Any) -> Any:
     return dict(value) if hasattr(value, "items") else list(value)
 
 
+# A value pasted with its header name in front, as curl -v, logs and proxies show it.
+_NAMED = re.compile(
+    rf"\s*(?:{re.escape(HEADER_NAME)}|{re.escape(HEADER_NAME_ALIAS)})\s*:", re.IGNORECASE
+)
+
+
+def _read_stdin() -> str | bytes:
+    """All of stdin; as bytes when it is not UTF-8, so the codec can say so."""
+    if sys.stdin.isatty():
+        print("reading the header value from stdin (end with Ctrl-D)", file=sys.stderr)
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        return sys.stdin.read()
+    data: bytes = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+
+
 def _decode(args: argparse.Namespace) -> int:
-    value = args.value if args.value is not None else sys.stdin.read()
+    value = args.value if args.value is not None else _read_stdin()
+    if isinstance(value, str):
+        named = _NAMED.match(value)
+        if named:
+            value = value[named.end() :]
     ctx, reason = parse_with_reason(value)
     if ctx is None:
         print(f"invalid: {reason or 'empty value'}", file=sys.stderr)
         return 1
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")  # names may not fit the terminal
     described = _describe(ctx)
     if args.json:
         print(json.dumps(described, indent=2, ensure_ascii=False))
@@ -53,9 +88,11 @@ def _parse_id(text: str, bits: int) -> int:
     digits = text.strip().lower().replace("-", "")
     if digits.startswith("0x"):
         digits = digits[2:]
+    if not re.fullmatch(r"[0-9a-f]{1,32}", digits):
+        raise ValueError(f"{text!r} is not a hex id or UUID")
     value = int(digits, 16)
     if not 0 < value < 1 << bits:
-        raise ValueError(f"must be a non-zero {bits}-bit id")
+        raise ValueError(f"{text!r} is not a non-zero {bits}-bit id")
     return value
 
 
@@ -68,6 +105,9 @@ def _encode(args: argparse.Namespace) -> int:
         metadata = json.loads(args.metadata) if args.metadata else {}
     except ValueError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    if not isinstance(metadata, dict):
+        print("invalid: --metadata must be a JSON object", file=sys.stderr)
         return 1
     path = tuple(args.path.split("/")) if args.path else ()
     ids = tuple(
@@ -86,9 +126,9 @@ def _encode(args: argparse.Namespace) -> int:
     )
     value = ctx.serialize()
     if LaminarSpanContext.parse(value) != ctx:
-        print("invalid: some fields were over the limits and would be dropped", file=sys.stderr)
+        print("warning: some fields were over the limits and were left out", file=sys.stderr)
     if args.curl:
-        print(f"-H 'X-Laminar-Span-Context: {value}'")
+        print(f"-H {shlex.quote(f'{HEADER_NAME}: {value}')}")
     else:
         print(value)
     return 0
@@ -108,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     decode = sub.add_parser("decode", help="explain an X-Laminar-Span-Context value")
-    decode.add_argument("value", nargs="?", help="the header value (read from stdin if absent)")
+    decode.add_argument(
+        "value",
+        nargs="?",
+        help="the header value, optionally after 'X-Laminar-Span-Context:' (stdin if absent)",
+    )
     decode.add_argument("--json", action="store_true", help="print JSON")
     decode.set_defaults(func=_decode)
 
@@ -123,7 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--curl", action="store_true", help="print as a curl -H argument")
     encode.set_defaults(func=_encode)
 
-    demo = sub.add_parser("demo", help="run services and show one connected trace")
+    demo = sub.add_parser(
+        "demo",
+        help="run services and show one connected trace",
+        description=(
+            "Start a FastAPI service (uvicorn) and a Flask service (werkzeug) on 127.0.0.1,"
+            " send one request through both and through a SQLite job queue to a worker,"
+            " and print the one trace it makes. Needs no account and no network."
+        ),
+    )
     demo.add_argument("--json", action="store_true", help="print the spans as JSON")
     demo.add_argument(
         "--export", choices=["otlp"], help="send the spans to OTEL_EXPORTER_OTLP_* instead"

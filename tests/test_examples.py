@@ -1,0 +1,273 @@
+"""The examples in `examples/`: each imports without side effects, and each runs.
+
+The self-contained ones run as subprocesses; the services run under real servers here
+(their `main()` binds fixed ports, so it is not called); the clients and the OTLP example
+run as subprocesses against a small recording HTTP server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+from conftest import run_uvicorn, run_wsgi, wait_for_spans
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from laminar_middleware import HEADER_NAME, LaminarSpanContext
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ALL = sorted(p.name for p in EXAMPLES.glob("*.py"))
+
+
+def load(name: str) -> ModuleType:
+    """Import an example by path, as a module that is not __main__: main() does not run."""
+    spec = importlib.util.spec_from_file_location(f"example_{name[:-3]}", EXAMPLES / name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_example(
+    name: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_the_expected_examples_exist() -> None:
+    assert set(ALL) >= {
+        "database_storage.py",
+        "fastapi_service.py",
+        "flask_service.py",
+        "httpx_client.py",
+        "queue_worker.py",
+        "requests_client.py",
+        "send_to_laminar.py",
+        "send_to_otlp.py",
+    }
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_example_starts_with_how_to_run_it(name: str) -> None:
+    first = (EXAMPLES / name).read_text().splitlines()[0]
+    assert first.startswith("# Run: "), first
+    assert f"examples/{name}" in first
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_example_imports(name: str) -> None:
+    module = load(name)
+    assert callable(module.main)
+
+
+# --- the self-contained ones ------------------------------------------------------------------
+
+
+def test_queue_worker_runs_and_the_worker_joins_the_trace() -> None:
+    done = run_example("queue_worker.py")
+    assert done.returncode == 0, done.stderr
+    names = re.findall(r'"name": "([^"]+)"', done.stdout)
+    assert {"handle request", "summarise"} <= set(names)
+    trace_ids = set(re.findall(r'"trace_id": "(0x[0-9a-f]{32})"', done.stdout))
+    assert len(trace_ids) == 1
+
+
+def test_database_storage_runs_and_the_resumed_workflow_joins_the_trace() -> None:
+    done = run_example("database_storage.py")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("3 spans in 1 trace")
+    assert "resume workflow" in done.stdout
+
+
+# --- the services, under real servers ---------------------------------------------------------
+
+
+def test_fastapi_and_flask_services_make_one_trace(exporter: InMemorySpanExporter) -> None:
+    service_a = load("fastapi_service.py")
+    service_b = load("flask_service.py")
+    with run_uvicorn(service_a.app) as url_a, run_wsgi(service_b.app) as url_b:
+        service_a.SERVICE_B_URL = url_b
+        service_b.SERVICE_A_URL = url_a
+        response = httpx.get(f"{url_a}/chain", timeout=10)
+        assert response.status_code == 200
+        assert response.json() == {"service_b": {"done": True, "service_a": {"hello": "world"}}}
+        spans = wait_for_spans(exporter, lambda s: sum(x.kind is SpanKind.SERVER for x in s) >= 3)
+
+        exporter.clear()
+        assert httpx.get(f"{url_a}/health", timeout=10).json() == {"status": "ok"}
+        health = wait_for_spans(exporter, lambda s: False, timeout=0.3)
+    service_b.session.close()
+
+    servers = {s.name: s for s in spans if s.kind is SpanKind.SERVER}
+    assert set(servers) == {"GET /chain", "GET /work", "GET /hello"}
+    clients = [s for s in spans if s.kind is SpanKind.CLIENT]
+    assert len(clients) == 2
+    assert len({s.context.trace_id for s in spans}) == 1
+    by_id = {s.context.span_id: s for s in spans}
+
+    def parent(span: Any) -> Any:
+        return by_id[span.parent.span_id]
+
+    def nearest(span: Any, kind: SpanKind) -> Any:
+        # FastAPI's own INTERNAL operation spans may sit between a server and its client span.
+        span = parent(span)
+        while span.kind is not kind:
+            span = parent(span)
+        return span
+
+    assert servers["GET /chain"].parent is None
+    assert parent(servers["GET /work"]).kind is SpanKind.CLIENT
+    assert nearest(parent(servers["GET /work"]), SpanKind.SERVER) is servers["GET /chain"]
+    assert parent(servers["GET /hello"]).kind is SpanKind.CLIENT
+    assert nearest(parent(servers["GET /hello"]), SpanKind.SERVER) is servers["GET /work"]
+
+    # excluded_paths=["/health"]: no SERVER span for the health check.
+    assert [s.name for s in health if s.kind is SpanKind.SERVER] == []
+
+
+def test_send_to_laminar_does_not_initialize_at_import() -> None:
+    # In a fresh process, without a key: importing the example leaves Laminar alone.
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('example', {str(EXAMPLES / 'send_to_laminar.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "from lmnr import Laminar\n"
+        "print(Laminar.is_initialized(), module.answer('why?'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LMNR_PROJECT_API_KEY"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False You asked 'why?'")
+
+
+def test_send_to_laminar_without_a_key_says_what_to_set() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LMNR_PROJECT_API_KEY"}
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "send_to_laminar.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=EXAMPLES,  # no .env file with a key in reach
+    )
+    assert done.returncode == 1
+    assert "set LMNR_PROJECT_API_KEY" in done.stderr
+
+
+# --- the clients and the OTLP example, against a recording server -----------------------------
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    requests: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    def _record(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.requests.append((self.command, self.path, dict(self.headers.items()), body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = _record
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, list[tuple[str, str, dict[str, str], bytes]]]]:
+    received: list[tuple[str, str, dict[str, str], bytes]] = []
+    handler = type("Handler", (_Recorder,), {"requests": received})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _laminar_header(headers: dict[str, str]) -> LaminarSpanContext | None:
+    values = [v for k, v in headers.items() if k.lower() == HEADER_NAME.lower()]
+    assert len(values) <= 1
+    return LaminarSpanContext.parse(values[0]) if values else None
+
+
+@pytest.mark.parametrize(("name", "calls"), [("httpx_client.py", 2), ("requests_client.py", 1)])
+def test_client_example_sends_the_laminar_header(
+    recorder: tuple[str, list[tuple[str, str, dict[str, str], bytes]]], name: str, calls: int
+) -> None:
+    url, received = recorder
+    done = run_example(name, f"{url}/hello")
+    assert done.returncode == 0, done.stderr
+    assert len(received) == calls
+    printed = re.findall(r'"span_id": "0x([0-9a-f]{16})"', done.stdout)
+    for method, path, headers, _ in received:
+        assert (method, path) == ("GET", "/hello")
+        ctx = _laminar_header(headers)
+        assert ctx is not None, headers
+        assert f"{ctx.span_id:016x}" in printed  # the CLIENT span the example printed
+
+
+def test_send_to_otlp_sends_one_trace(
+    recorder: tuple[str, list[tuple[str, str, dict[str, str], bytes]]],
+) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    url, received = recorder
+    done = run_example("send_to_otlp.py", env={"OTEL_EXPORTER_OTLP_ENDPOINT": url})
+    assert done.returncode == 0, done.stderr
+    assert [(m, p) for m, p, _, _ in received] == [("POST", "/v1/traces")]
+    request = ExportTraceServiceRequest.FromString(received[0][3])
+    spans = [
+        span
+        for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans
+        for span in scope_spans.spans
+    ]
+    assert sorted(s.name for s in spans) == ["consumer", "producer"]
+    assert len({s.trace_id for s in spans}) == 1
+    assert done.stdout.strip() == f"sent trace {spans[0].trace_id.hex()}"
+
+
+def test_every_example_is_exercised_by_a_test_here() -> None:
+    # A new example must get a run of its own above, not only the import test.
+    ran = {
+        "queue_worker.py",
+        "database_storage.py",
+        "fastapi_service.py",
+        "flask_service.py",
+        "send_to_laminar.py",
+        "httpx_client.py",
+        "requests_client.py",
+        "send_to_otlp.py",
+    }
+    assert set(ALL) == ran, json.dumps(sorted(set(ALL) ^ ran))
