@@ -152,6 +152,7 @@ class ServerRequest:
         "_context",
         "_ended",
         "_failed",
+        "_owned",
         "_parent_path",
         "_prefix",
         "_remote",
@@ -168,8 +169,12 @@ class ServerRequest:
         base: Context | None = None,
         bridge: LaminarBridge | None = None,
         remote: LaminarSpanContext | None = None,
+        owned: bool = True,
     ) -> None:
         self.span = span
+        # False: another layer (a contrib instrumentation) opened this SERVER span; we only
+        # add Laminar's attributes to it and leave its name, status and end to that layer.
+        self._owned = owned
         self.status_code: int | None = None
         self._prefix = prefix
         self._parent_path = parent_path
@@ -223,6 +228,9 @@ class ServerRequest:
 
     def set_route(self, route: str | None) -> None:
         """Name the span `PREFIX route` once the framework has matched the route."""
+        if not self._owned:
+            self._refresh_borrowed_path()
+            return
         if not route or route == self._route or self._ended:
             return
         try:
@@ -236,9 +244,22 @@ class ServerRequest:
         self.span.update_name(name)
         return {HTTP_ROUTE: route, SPAN_PATH: (*self._parent_path, name)}
 
+    def _refresh_borrowed_path(self) -> None:
+        # The other layer names its span when it matches the route: follow that name.
+        try:
+            name = getattr(self.span, "name", None)
+            if name and self.span.is_recording():
+                self.span.set_attribute(SPAN_PATH, (*self._parent_path, name))
+        except Exception:
+            internal_error("updating the Laminar path of another layer's span")
+
     def response_started(self, status: Any, route: str | None = None) -> None:
         """The response starts: the route when known now, the status (ERROR for 5xx)."""
         if self._ended:
+            return
+        if not self._owned:
+            self.status_code = int(status) if isinstance(status, int) else self.status_code
+            self._refresh_borrowed_path()
             return
         try:
             code = int(status)
@@ -256,7 +277,7 @@ class ServerRequest:
 
     def fail(self, exc: BaseException) -> None:
         """An exception left the app: recorded, status ERROR (the caller re-raises it)."""
-        if self._ended or self._failed:
+        if self._ended or self._failed or not self._owned:
             return
         if not isinstance(exc, Exception) or _is_normal_disconnect(exc):
             return  # cancellation, exit, a normal WebSocket close: not a server error
@@ -271,7 +292,7 @@ class ServerRequest:
 
     def incomplete(self) -> None:
         """The app returned without starting a response (the server answers 500)."""
-        if self._ended or self._failed or self.status_code is not None:
+        if self._ended or self._failed or self.status_code is not None or not self._owned:
             return
         try:
             self.span.set_attribute(ERROR_TYPE, "incomplete_response")
@@ -284,6 +305,9 @@ class ServerRequest:
         if self._ended:
             return
         self._ended = True
+        if not self._owned:
+            self._refresh_borrowed_path()
+            return
         try:
             self.span.end()
         except Exception:
@@ -386,6 +410,9 @@ class InboundTracer:
         client: str | None,
         user_agent: str | None,
     ) -> ServerRequest:
+        current = trace.get_current_span()
+        if current.is_recording() and getattr(current, "kind", None) is SpanKind.SERVER:
+            return self._enrich(current, laminar_values, subject)
         # Name and attributes.
         attributes: dict[str, AttributeValue]
         if method is None:
@@ -487,6 +514,40 @@ class InboundTracer:
             bridge,
             continued,
         )
+
+    def _enrich(
+        self, span: Span, laminar_values: Sequence[str | bytes], subject: object
+    ) -> ServerRequest:
+        """Another layer (a contrib ASGI/WSGI/FastAPI/Flask instrumentation, an outer copy of
+        this middleware) already opened the request's SERVER span: one SERVER span per
+        request, so give that span Laminar's attributes instead of opening a second one.
+
+        The caller's user id, session id and metadata go on it only when that layer made it
+        a child of the caller's Laminar context (through `LaminarPropagator`) and the trust
+        policy says `continue`.
+        """
+        remote = self._laminar_remote(laminar_values) if laminar_values else None
+        parent = getattr(span, "parent", None)
+        attributes: dict[str, AttributeValue] = {}
+        parent_path: tuple[str, ...] = ()
+        parent_ids_path: tuple[str, ...] = ()
+        continued: LaminarSpanContext | None = None
+        if (
+            remote is not None
+            and parent is not None
+            and parent.span_id == remote.span_id
+            and parent.trace_id == remote.trace_id
+            and self.trust.decide(subject) == "continue"
+        ):
+            attributes.update(parent_attributes(remote))
+            attributes.update(association_attributes(remote))
+            parent_path, parent_ids_path = remote.span_path, remote.span_ids_path
+            continued = remote
+        own_id = format_uuid(span.get_span_context().span_id)
+        attributes[SPAN_PATH] = (*parent_path, getattr(span, "name", "") or "HTTP")
+        attributes[SPAN_IDS_PATH] = (*parent_ids_path, own_id)
+        span.set_attributes(attributes)
+        return ServerRequest(span, "", parent_path, None, active_bridge(), continued, owned=False)
 
     def _ensure_processor(self) -> None:
         # Laminar paths for the spans the app starts under ours: once, on an SDK provider
