@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from math import isfinite
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -51,6 +52,10 @@ _UUID_RE: Final = re.compile(
     r"(?(1)\})",
     re.IGNORECASE,
 )
+# The spelling both SDKs write, checked first: one match without groups, then int().
+_CANONICAL_UUID_RE: Final = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 _STRUCTURE_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 _SCALARS: Final = (str, int, float, bool)
 
@@ -74,6 +79,8 @@ def format_uuid(value: int) -> str:
 def _parse_uuid(value: object) -> int | None:
     if not isinstance(value, str) or len(value) > 45:
         return None
+    if len(value) == 36 and _CANONICAL_UUID_RE.fullmatch(value) is not None:
+        return int(value.replace("-", ""), 16)
     match = _UUID_RE.fullmatch(value)
     if match is None:
         return None
@@ -85,9 +92,13 @@ def _utf8_len(value: str) -> int:
     return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
 
 
+# A string of at most this many characters is within MAX_STRING_BYTES whatever it holds.
+_SHORT_CHARS: Final = MAX_STRING_BYTES // 4
+
+
 def _short_string(value: object) -> bool:
     return isinstance(value, str) and (
-        len(value) <= MAX_STRING_BYTES // 4 or _utf8_len(value) <= MAX_STRING_BYTES
+        len(value) <= _SHORT_CHARS or _utf8_len(value) <= MAX_STRING_BYTES
     )
 
 
@@ -109,60 +120,87 @@ def thaw(value: Any) -> Any:
 
 
 def _scalar_ok(value: object) -> bool:
-    if value is None or isinstance(value, (bool, int)):
+    if isinstance(value, str):
+        return len(value) <= _SHORT_CHARS or _utf8_len(value) <= MAX_STRING_BYTES
+    if value is None or isinstance(value, int):  # bool is an int
         return True
-    if isinstance(value, float):
-        return value == value and value not in (float("inf"), float("-inf"))
-    return _short_string(value)
+    return isinstance(value, float) and isfinite(value)
 
 
-def _list_ok(value: object, depth: int) -> bool:
-    # A list holds scalars or, one level down, lists of scalars: what both SDKs accept.
-    if not isinstance(value, (list, tuple)):
-        return False
+def _list_ok(value: list[Any] | tuple[Any, ...], nested_ok: bool) -> bool:
+    """A metadata list both SDKs accept: scalars or, one level down (`nested_ok`), lists of
+    scalars."""
     for item in value:
         if isinstance(item, (list, tuple)):
-            if depth >= 2 or not _list_ok(item, depth + 1):
+            if not nested_ok or not _list_ok(item, False):
                 return False
         elif not _scalar_ok(item):
             return False
     return True
 
 
-def _metadata_ok(metadata: object) -> bool:
-    """Metadata both SDKs accept: at most two levels, dicts only at the first, small."""
-    if not isinstance(metadata, Mapping):
-        return False
+def _frozen_list(value: list[Any] | tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple([tuple(item) if isinstance(item, list) else item for item in value])
+
+
+def _checked_metadata(metadata: Mapping[str, Any], parsed: bool) -> Mapping[str, Any] | None:
+    """Metadata both SDKs accept (two levels at most, dicts only at the first, at most
+    MAX_METADATA_KEYS keys in all, strings within MAX_STRING_BYTES), or None: the caller
+    drops it whole. Checked and converted in one pass:
+
+    - `parsed`: a dict fresh from json, which is ours to change: frozen in place (lists
+      become tuples, dicts read-only mappings) and returned read-only.
+    - otherwise a context's metadata, for json: a dict copy whose inner mappings are dicts.
+    """
     keys = len(metadata)
+    if keys > MAX_METADATA_KEYS:
+        return None
+    result: dict[str, Any] = metadata if parsed else {}  # type: ignore[assignment]
     for key, value in metadata.items():
-        if not _short_string(key):
-            return False
-        if isinstance(value, Mapping):
-            keys += len(value)
-            for inner_key, inner in value.items():
-                if not _short_string(inner_key):
-                    return False
-                if isinstance(inner, (list, tuple)):
-                    if not _list_ok(inner, 2):
-                        return False
-                elif not _scalar_ok(inner):
-                    return False
+        if not isinstance(key, str) or (
+            len(key) > _SHORT_CHARS and _utf8_len(key) > MAX_STRING_BYTES
+        ):
+            return None
+        if isinstance(value, str):  # the usual case first
+            if len(value) > _SHORT_CHARS and _utf8_len(value) > MAX_STRING_BYTES:
+                return None
         elif isinstance(value, (list, tuple)):
-            if not _list_ok(value, 1):
-                return False
+            if not _list_ok(value, True):
+                return None
+            if parsed:
+                value = _frozen_list(value)
+        elif isinstance(value, Mapping):
+            keys += len(value)
+            if keys > MAX_METADATA_KEYS:
+                return None
+            for inner_key, inner in value.items():
+                if not isinstance(inner_key, str) or (
+                    len(inner_key) > _SHORT_CHARS and _utf8_len(inner_key) > MAX_STRING_BYTES
+                ):
+                    return None
+                if isinstance(inner, (list, tuple)):
+                    if not _list_ok(inner, False):
+                        return None
+                    if parsed:  # a dict from json; an existing key: safe while iterating
+                        value[inner_key] = tuple(inner)  # type: ignore[index]
+                elif not _scalar_ok(inner):
+                    return None
+            value = MappingProxyType(value) if parsed else dict(value)
         elif not _scalar_ok(value):
-            return False
-        if keys > MAX_METADATA_KEYS:
-            return False
-    return True
+            return None
+        result[key] = value  # parsed: an existing key, so safe while iterating
+    return MappingProxyType(result) if parsed else result
 
 
 def _path_ok(path: object) -> bool:
-    return (
-        isinstance(path, (list, tuple))
-        and len(path) <= MAX_PATH_ENTRIES
-        and all(_short_string(entry) for entry in path)
-    )
+    if not isinstance(path, (list, tuple)) or len(path) > MAX_PATH_ENTRIES:
+        return False
+    for entry in path:  # _short_string, inlined: this runs for every entry of every header
+        if not isinstance(entry, str) or (
+            len(entry) > _SHORT_CHARS and _utf8_len(entry) > MAX_STRING_BYTES
+        ):
+            return False
+    return True
 
 
 def _too_deep(text: str) -> bool:
@@ -183,12 +221,6 @@ def _too_deep(text: str) -> bool:
 
 def _trace_type(value: object) -> str | None:
     return value if isinstance(value, str) and value in TRACE_TYPES else None
-
-
-def _pick(data: dict[str, Any], snake: str, camel: str) -> Any:
-    # Both SDKs read both casings; snake_case wins when it has a value.
-    value = data.get(snake)
-    return data.get(camel) if value is None else value
 
 
 @dataclass(frozen=True)
@@ -243,7 +275,10 @@ class LaminarSpanContext:
     @classmethod
     def parse(cls, value: str | bytes | bytearray | None) -> LaminarSpanContext | None:
         """The context in a header value, or None for anything that is not a valid one."""
-        return parse_with_reason(value)[0]
+        try:
+            return _parse(value)[0]
+        except Exception:  # the promise is "never raises": a bug here is a refusal
+            return None
 
     def serialize(self) -> str:
         """The header value: the Python SDK's JSON byte for byte, escaped to pure ASCII.
@@ -257,7 +292,11 @@ class LaminarSpanContext:
             _path_ok(span_path) and _path_ok(span_ids_path)
         ):
             span_path = span_ids_path = ()
-        metadata = self.metadata
+        metadata = (
+            _checked_metadata(self.metadata, parsed=False)
+            if self.metadata and isinstance(self.metadata, Mapping)
+            else None
+        )
         data = {
             "trace_id": format_uuid(self.trace_id),
             "span_id": format_uuid(self.span_id),
@@ -267,7 +306,7 @@ class LaminarSpanContext:
             "user_id": self.user_id if _short_string(self.user_id) else None,
             "session_id": self.session_id if _short_string(self.session_id) else None,
             "trace_type": _trace_type(self.trace_type),
-            "metadata": thaw(metadata) if metadata and _metadata_ok(metadata) else {},
+            "metadata": {} if metadata is None else metadata,
             "debug": None,
         }
         text = _ENCODER.encode(data)
@@ -278,6 +317,34 @@ class LaminarSpanContext:
             data["span_path"] = data["span_ids_path"] = ()
             text = _ENCODER.encode(data)
         return text
+
+
+def _checked_context(
+    trace_id: int,
+    span_id: int,
+    span_path: tuple[str, ...],
+    span_ids_path: tuple[str, ...],
+    user_id: str | None,
+    session_id: str | None,
+    trace_type: str | None,
+    metadata: Mapping[str, Any],
+) -> LaminarSpanContext:
+    """A `LaminarSpanContext` from values the parser has already checked and frozen.
+
+    The same object the dataclass constructor makes, without its per-field frozen
+    `__setattr__` and `__post_init__`, which cost more than the rest of a parse.
+    """
+    context = object.__new__(LaminarSpanContext)
+    fields = context.__dict__
+    fields["trace_id"] = trace_id
+    fields["span_id"] = span_id
+    fields["span_path"] = span_path
+    fields["span_ids_path"] = span_ids_path
+    fields["user_id"] = user_id
+    fields["session_id"] = session_id
+    fields["trace_type"] = trace_type
+    fields["metadata"] = metadata
+    return context
 
 
 def parse_with_reason(
@@ -313,7 +380,8 @@ def _parse(value: str | bytes | bytearray | None) -> tuple[LaminarSpanContext | 
         return None, ""
     if text[0] != "{":
         return None, "not a JSON object"
-    if _too_deep(text):
+    # _too_deep's own quick count, inlined: a header with few brackets cannot be deep.
+    if text.count("[") + text.count("{") > MAX_NESTING and _too_deep(text):
         return None, f"JSON nested deeper than {MAX_NESTING} levels"
     try:
         data = _DECODER.decode(text)
@@ -322,12 +390,16 @@ def _parse(value: str | bytes | bytearray | None) -> tuple[LaminarSpanContext | 
     if not isinstance(data, dict):
         return None, "not a JSON object"
 
-    trace_id = _parse_uuid(_pick(data, "trace_id", "traceId"))
+    # Both SDKs read both casings; snake_case wins when it has a value.
+    get = data.get
+    found = get("trace_id")
+    trace_id = _parse_uuid(get("traceId") if found is None else found)
     if trace_id is None:
         return None, "trace id missing or not a UUID"
     if trace_id == 0:
         return None, "trace id is all zeros"
-    span_id = _parse_uuid(_pick(data, "span_id", "spanId"))
+    found = get("span_id")
+    span_id = _parse_uuid(get("spanId") if found is None else found)
     if span_id is None:
         return None, "span id missing or not a UUID"
     if span_id == 0:
@@ -335,29 +407,45 @@ def _parse(value: str | bytes | bytearray | None) -> tuple[LaminarSpanContext | 
     if span_id >> 64:
         return None, "span id has its upper 64 bits set"
 
-    span_path = _pick(data, "span_path", "spanPath")
-    span_ids_path = _pick(data, "span_ids_path", "spanIdsPath")
-    if span_path is None and span_ids_path is None:
-        paths: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
-    elif _path_ok(span_path) and _path_ok(span_ids_path) and len(span_path) == len(span_ids_path):
-        paths = (tuple(span_path), tuple(span_ids_path))
+    span_path: Any = get("span_path")
+    if span_path is None:
+        span_path = get("spanPath")
+    span_ids_path: Any = get("span_ids_path")
+    if span_ids_path is None:
+        span_ids_path = get("spanIdsPath")
+    if (
+        span_path
+        and _path_ok(span_path)
+        and _path_ok(span_ids_path)
+        and len(span_path) == len(span_ids_path)
+    ):
+        paths: tuple[tuple[str, ...], tuple[str, ...]] = (tuple(span_path), tuple(span_ids_path))
     else:
         paths = ((), ())
 
-    user_id = _pick(data, "user_id", "userId")
-    session_id = _pick(data, "session_id", "sessionId")
-    trace_type = _pick(data, "trace_type", "traceType")
-    metadata = data.get("metadata")
+    user_id = get("user_id")
+    if user_id is None:
+        user_id = get("userId")
+    if user_id is not None and not _short_string(user_id):
+        user_id = None
+    session_id = get("session_id")
+    if session_id is None:
+        session_id = get("sessionId")
+    if session_id is not None and not _short_string(session_id):
+        session_id = None
+    trace_type = get("trace_type")
+    if trace_type is None:
+        trace_type = get("traceType")
+    if trace_type is not None:
+        trace_type = _trace_type(trace_type)
+    metadata = get("metadata")
+    if metadata and isinstance(metadata, dict):
+        metadata = _checked_metadata(metadata, parsed=True) or _EMPTY_METADATA
+    else:
+        metadata = _EMPTY_METADATA
     return (
-        LaminarSpanContext(
-            trace_id=trace_id,
-            span_id=span_id,
-            span_path=paths[0],
-            span_ids_path=paths[1],
-            user_id=user_id if _short_string(user_id) else None,
-            session_id=session_id if _short_string(session_id) else None,
-            trace_type=_trace_type(trace_type),
-            metadata=metadata if metadata and _metadata_ok(metadata) else _EMPTY_METADATA,
+        _checked_context(
+            trace_id, span_id, paths[0], paths[1], user_id, session_id, trace_type, metadata
         ),
         "",
     )
