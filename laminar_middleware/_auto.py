@@ -141,8 +141,8 @@ def _add_asgi_middleware(app: Any, options: dict[str, Any]) -> None:
 
 
 def _wrap_wsgi_app(app: Any, options: dict[str, Any]) -> None:
-    from .wsgi import LaminarWSGIMiddleware
+    # instrument_flask, not plain wrapping: the span is named by its route before the
+    # handler runs, so the Laminar path that spans and calls inside it copy is complete.
+    from .flask import instrument_flask
 
-    if isinstance(app.wsgi_app, LaminarWSGIMiddleware):
-        return
-    app.wsgi_app = LaminarWSGIMiddleware(app.wsgi_app, **options)
+    instrument_flask(app, **options)

@@ -361,6 +361,11 @@ class OutboundHook:
                     if attribute.startswith(ASSOCIATION_PREFIX):
                         attributes[attribute] = value
                         associated = True
+                parent_path = parent_attributes.get(SPAN_PATH)
+                if parent_path is not None:
+                    # As a start attribute, so path processors have nothing left to do;
+                    # the ids path needs this span's id and is set once it has started.
+                    attributes[SPAN_PATH] = (*parent_path, name)
             tracer = self._tracer
             if not self._fixed_provider:
                 # With Laminar's SDK initialized, client spans go where its spans go.
@@ -414,7 +419,7 @@ class OutboundHook:
         own: Mapping[str, Any] | None = getattr(span, "attributes", None)
         if (
             own is not None
-            and SPAN_PATH not in own
+            and SPAN_IDS_PATH not in own
             and parent_attributes
             and SPAN_PATH in parent_attributes
         ):
