@@ -25,16 +25,24 @@ from .propagator import LaminarPropagator
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers
     from ._auto import instrument, uninstrument
     from .asgi import LaminarASGIMiddleware
-    from .httpx import instrument_httpx, uninstrument_httpx
+    from .flask import instrument_flask
+    from .httpx import (
+        AsyncLaminarTransport,
+        LaminarTransport,
+        instrument_httpx,
+        uninstrument_httpx,
+    )
     from .requests import instrument_requests, uninstrument_requests
     from .wsgi import LaminarWSGIMiddleware
 
 __all__ = [
     "HEADER_NAME",
+    "AsyncLaminarTransport",
     "LaminarASGIMiddleware",
     "LaminarPathSpanProcessor",
     "LaminarPropagator",
     "LaminarSpanContext",
+    "LaminarTransport",
     "LaminarWSGIMiddleware",
     "__version__",
     "continue_trace",
@@ -42,6 +50,7 @@ __all__ = [
     "extract",
     "inject",
     "instrument",
+    "instrument_flask",
     "instrument_httpx",
     "instrument_requests",
     "serialize_span_context",
@@ -55,12 +64,19 @@ _LAZY: dict[str, str] = {
     "LaminarASGIMiddleware": ".asgi",
     "LaminarWSGIMiddleware": ".wsgi",
     "instrument_httpx": ".httpx",
+    "LaminarTransport": ".httpx",
+    "AsyncLaminarTransport": ".httpx",
+    "instrument_flask": ".flask",
     "uninstrument_httpx": ".httpx",
     "instrument_requests": ".requests",
     "uninstrument_requests": ".requests",
     "instrument": "._auto",
     "uninstrument": "._auto",
 }
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 def __getattr__(name: str) -> Any:

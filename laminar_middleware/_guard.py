@@ -14,7 +14,15 @@ import time
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-__all__ = ["RateLimitedLogger", "guard", "internal_error", "log_bad_header", "logger", "preview"]
+__all__ = [
+    "RateLimitedLogger",
+    "guard",
+    "internal_error",
+    "log_bad_header",
+    "log_policy_error",
+    "logger",
+    "preview",
+]
 
 T = TypeVar("T")
 
@@ -66,6 +74,11 @@ def preview(value: object) -> str:
 
 def log_bad_header(reason: str, value: object) -> None:
     _bad_input.warning("ignored an invalid Laminar span context (%s): %s", reason, preview(value))
+
+
+def log_policy_error(message: str) -> None:
+    """A user-supplied callable answered nonsense: rate-limited, as it may happen per request."""
+    _internal.warning("laminar_middleware: %s", message)
 
 
 def internal_error(where: str) -> None:

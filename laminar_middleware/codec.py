@@ -56,7 +56,9 @@ _UUID_RE: Final = re.compile(
 _CANONICAL_UUID_RE: Final = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
-_STRUCTURE_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# An unclosed string ends at the end of the text: without `\\?\Z` a string of escaped
+# quotes that never closes makes the scan quadratic.
+_STRUCTURE_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
 _SCALARS: Final = (str, int, float, bool)
 
 
@@ -286,6 +288,10 @@ class LaminarSpanContext:
         Fields this package would refuse are left out (metadata first, then the paths) so
         that every SDK, and this package, reads the result back.
         """
+        if not self.is_valid:
+            raise ValueError(
+                "a LaminarSpanContext needs a non-zero 128-bit trace id and 64-bit span id"
+            )
         span_path: tuple[str, ...] | list[str] = self.span_path
         span_ids_path: tuple[str, ...] | list[str] = self.span_ids_path
         if len(span_path) != len(span_ids_path) or not (

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, Literal, TypeAlias
 from urllib.parse import urlsplit
 
-from ._guard import guard, logger
+from ._guard import guard, log_policy_error, logger
 
 __all__ = [
     "ENV_EXCLUDED_PATHS",
@@ -82,7 +82,7 @@ class TrustPolicy:
         answer = guard("trust policy", "restart", self._callable, request)
         if answer in TRUST_MODES:
             return answer  # type: ignore[return-value]
-        logger.warning("trust policy returned %r; treating the request as 'restart'", answer)
+        log_policy_error(f"trust policy returned {answer!r}; treating the request as 'restart'")
         return "restart"
 
 
@@ -108,7 +108,12 @@ class PropagationTargets:
         elif callable(option) and not isinstance(option, re.Pattern):
             self._callable = option
         else:
-            entries = _split(option) if isinstance(option, str) else list(option)
+            if isinstance(option, str):
+                entries: list[PropagateToEntry] = list(_split(option))
+            elif isinstance(option, re.Pattern):
+                entries = [option]
+            else:
+                entries = list(option)
             self._load(entries, source="propagate_to")
         if not (self._exact or self._suffixes or self._patterns or self._callable):
             self._everywhere = True
@@ -117,7 +122,8 @@ class PropagationTargets:
         suffixes = []
         for entry in entries:
             if isinstance(entry, re.Pattern):
-                self._patterns.append(entry)
+                # Hosts are case-insensitive, whatever flags the pattern was compiled with.
+                self._patterns.append(re.compile(entry.pattern, entry.flags | re.IGNORECASE))
                 continue
             raw = entry.strip()
             entry = raw.lower()
@@ -133,7 +139,9 @@ class PropagationTargets:
             elif entry.startswith("."):
                 suffixes.append(entry)
             else:
-                self._exact.add(entry)
+                # Hosts compare without the port: `api.internal:8443` means the host.
+                host, sep, port = entry.rpartition(":")
+                self._exact.add(host if sep and port.isdigit() and "]" not in port else entry)
         self._suffixes = tuple(suffixes)
 
     @property
@@ -163,6 +171,8 @@ class ExcludedPaths:
             option = os.environ.get(ENV_EXCLUDED_PATHS, "")
         if isinstance(option, str):
             option = _split(option)
+        elif isinstance(option, re.Pattern):
+            option = [option]
         self._exact: frozenset[str] = frozenset()
         self._patterns: tuple[re.Pattern[str], ...] = ()
         if option:

@@ -9,16 +9,20 @@ the outbound hooks build on the functions here, and so do users with queues and 
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import (
     NonRecordingSpan,
     Span,
     SpanContext,
+    Status,
+    StatusCode,
     TraceFlags,
     Tracer,
     TracerProvider,
@@ -61,21 +65,35 @@ METADATA_PREFIX: Final = ASSOCIATION_PREFIX + "metadata."
 INSTRUMENTATION_NAME: Final = "laminar_middleware"
 _LOWER_NAMES: Final = (HEADER_NAME.lower(), HEADER_NAME_ALIAS)
 
-_tracers: dict[int, Tracer] = {}
+# id(provider) -> (a weak reference to that provider, its tracer). The reference tells a
+# live provider from a collected one whose id was reused, and drops the entry with it.
+_tracers: dict[int, tuple[weakref.ref[TracerProvider], Tracer]] = {}
 
 
 def get_tracer(tracer_provider: TracerProvider | None = None) -> Tracer:
     """This package's tracer for a provider (the global one when None), made once."""
     provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
-    tracer = _tracers.get(id(provider))
-    if tracer is None:
-        from . import __version__
+    key = id(provider)
+    cached = _tracers.get(key)
+    if cached is not None and cached[0]() is provider:
+        return cached[1]
+    from . import __version__
 
-        tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
-        # A ProxyTracer (no global provider yet) must not be cached: it would stay a proxy.
-        if type(tracer).__name__ != "ProxyTracer":
-            _tracers[id(provider)] = tracer
+    tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
+    # A ProxyTracer (no global provider yet) must not be cached: it would stay a proxy.
+    if type(tracer).__name__ != "ProxyTracer":
+        try:
+            ref = weakref.ref(provider, lambda ref: _forget_tracer(key, ref))
+        except TypeError:  # not weakly referenceable: not cached
+            return tracer
+        _tracers[key] = (ref, tracer)
     return tracer
+
+
+def _forget_tracer(key: int, ref: weakref.ref[TracerProvider]) -> None:
+    cached = _tracers.get(key)
+    if cached is not None and cached[0] is ref:
+        del _tracers[key]
 
 
 def remote_parent_context(remote: LaminarSpanContext, context: Context | None = None) -> Context:
@@ -110,13 +128,19 @@ def association_attributes(remote: LaminarSpanContext) -> dict[str, AttributeVal
     return attributes
 
 
+def _int64(value: Any) -> bool:
+    # OTLP carries 64-bit integers: a bigger one (JSON has no limit) fails to encode, with an
+    # exporter error line per span, so it goes as JSON like any other non-OpenTelemetry value.
+    return type(value) is not int or -(1 << 63) <= value < 1 << 63
+
+
 def _metadata_attribute(value: Any) -> AttributeValue:
     # Laminar's SDK stores OpenTelemetry-typed values as they are and JSON for the rest.
-    if isinstance(value, (str, bool, int, float)):
+    if isinstance(value, (str, bool, int, float)) and _int64(value):
         return value
     if isinstance(value, tuple) and value:
         kind = type(value[0])
-        if kind in (str, bool, int, float) and all(type(v) is kind for v in value):
+        if kind in (str, bool, int, float) and all(type(v) is kind and _int64(v) for v in value):
             return value
     return json.dumps(thaw(value), separators=(",", ":"))
 
@@ -163,12 +187,16 @@ def span_context_of(span: Span | None = None) -> LaminarSpanContext | None:
 
 
 def _metadata_value(value: Any) -> Any:
-    # The reverse of _metadata_attribute, as Laminar's SDK reads it back.
-    if isinstance(value, str):
+    # The reverse of _metadata_attribute. Laminar's SDK JSON-decodes every string, so a
+    # caller's "123" would travel on as 123; only what was stored as JSON (objects and
+    # lists, which OpenTelemetry attributes cannot hold) is decoded here.
+    if isinstance(value, str) and value[:1] in ("{", "["):
         try:
             return json.loads(value, parse_constant=_no_constants)
         except (ValueError, RecursionError):
             return value
+    if isinstance(value, tuple):
+        return list(value)
     return value
 
 
@@ -211,24 +239,54 @@ def continue_trace(
     else:
         parent = Context()
         parent_path, parent_ids_path = (), ()
+    from ._guard import guard
     from ._lmnr import active_bridge
     from .processor import ensure_path_processor
 
+    # Fail open: a span processor or exporter that raises must not reach the worker's code
+    # (nor replace an exception of its own), so OpenTelemetry is called through `guard`.
+    end_on_exit = span_kwargs.pop("end_on_exit", True)
+    record_exception = span_kwargs.pop("record_exception", True)
+    set_status_on_exception = span_kwargs.pop("set_status_on_exception", True)
     bridge = active_bridge()
     if tracer_provider is None and bridge is not None:
         tracer_provider = bridge.tracer_provider()
-    ensure_path_processor(tracer_provider)
-    tracer = get_tracer(tracer_provider)
-    with tracer.start_as_current_span(
-        name, context=parent, attributes=attributes, **span_kwargs
-    ) as span:
+    guard("adding the Laminar path processor", None, ensure_path_processor, tracer_provider)
+
+    def start() -> Span:
+        span = get_tracer(tracer_provider).start_span(
+            name, parent, attributes=attributes, **span_kwargs
+        )
         set_path_attributes(span, name, parent_path, parent_ids_path)
-        token = bridge.attach(span, remote) if bridge is not None else None
-        try:
-            yield span
-        finally:
-            if token is not None and bridge is not None:
-                bridge.detach(token)
+        return span
+
+    invalid: Span = trace.INVALID_SPAN
+    span = guard("continue_trace: starting the span", invalid, start)
+    token = guard(
+        "continue_trace: attaching", None, otel_context.attach, trace.set_span_in_context(span)
+    )
+    bridge_token = (
+        guard("continue_trace: attaching to Laminar", None, bridge.attach, span, remote)
+        if bridge is not None and span is not trace.INVALID_SPAN
+        else None
+    )
+    try:
+        yield span
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            if record_exception:
+                guard("continue_trace: recording", None, span.record_exception, exc)
+            if set_status_on_exception:
+                status = Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                guard("continue_trace: status", None, span.set_status, status)
+        raise
+    finally:
+        if bridge_token is not None and bridge is not None:
+            guard("continue_trace: detaching from Laminar", None, bridge.detach, bridge_token)
+        if token is not None:
+            guard("continue_trace: detaching", None, otel_context.detach, token)
+        if end_on_exit:
+            guard("continue_trace: ending the span", None, span.end)
 
 
 def inject(carrier: MutableMapping[str, str], span: Span | None = None) -> None:

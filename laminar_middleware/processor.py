@@ -6,8 +6,10 @@ opens carry them; this processor gives them to every other span started under on
 the parent's association properties (user id, session id, metadata) down, so a header
 serialized from a grandchild span has the full path and the caller's user and session.
 
-The middlewares and client hooks add it to the SDK tracer provider they use, once. Laminar's
-own provider is left alone: its span processor computes the same attributes.
+The middlewares and `continue_trace` add it to the SDK tracer provider they use, once (the
+client hooks need not: a client span sets its own path, and its children are other
+services' spans). Laminar's own provider is left alone: its span processor computes the
+same attributes.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ point loading), so it imports nothing from the instrumentation package.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -28,7 +29,9 @@ from .context import remote_parent_context, span_context_of
 
 __all__ = ["LaminarPropagator"]
 
+# Getters differ: some match names exactly (plain dicts), some case-insensitively.
 _NAMES = (HEADER_NAME, HEADER_NAME.lower(), HEADER_NAME_ALIAS)
+_LOWER_NAMES = (HEADER_NAME.lower(), HEADER_NAME_ALIAS)
 
 
 class LaminarPropagator(TextMapPropagator):
@@ -53,6 +56,12 @@ class LaminarPropagator(TextMapPropagator):
         return guard("LaminarPropagator.extract", context, self._extract, carrier, context, getter)
 
     def _extract(self, carrier: Any, context: Context, getter: Getter[Any]) -> Context:
+        if self._trust.decide(carrier) != "continue":
+            # The policy covers whichever remote context was found: a W3C parent that a
+            # propagator before this one extracted is dropped too (list `laminar` last).
+            if trace.get_current_span(context).get_span_context().is_remote:
+                return trace.set_span_in_context(trace.INVALID_SPAN, context)
+            return context
         values: set[str] = set()
         for name in _NAMES:
             found = getter.get(carrier, name)
@@ -66,8 +75,6 @@ class LaminarPropagator(TextMapPropagator):
             if reason:
                 log_bad_header(reason, value)
             return context
-        if self._trust.decide(carrier) != "continue":
-            return context
         return remote_parent_context(remote, context)
 
     def inject(
@@ -79,6 +86,11 @@ class LaminarPropagator(TextMapPropagator):
         guard("LaminarPropagator.inject", None, self._inject, carrier, context, setter)
 
     def _inject(self, carrier: Any, context: Context | None, setter: Setter[Any]) -> None:
+        # A header the caller set (either name, any case) is kept, never doubled.
+        if isinstance(carrier, Mapping) and any(
+            isinstance(key, str) and key.lower() in _LOWER_NAMES for key in carrier
+        ):
+            return
         remote = span_context_of(trace.get_current_span(context))
         if remote is not None:
             setter.set(carrier, HEADER_NAME, remote.serialize())
