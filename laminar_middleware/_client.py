@@ -35,9 +35,8 @@ from collections.abc import Callable, Container, Mapping, MutableMapping
 from typing import Any, Final, cast
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.propagators.textmap import Setter, TextMapPropagator
+from opentelemetry import trace
+from opentelemetry.propagators.textmap import Setter
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.http_attributes import (
     HTTP_REQUEST_METHOD,
@@ -61,7 +60,7 @@ from .context import (
     set_path_attributes,
     span_context_of,
 )
-from .propagator import LaminarPropagator
+from .propagator import global_propagator_without_laminar
 
 __all__ = ["EXTENSION_KEY", "Call", "Headers", "OutboundHook", "finish_or_end", "redact_url"]
 
@@ -145,34 +144,6 @@ def _strip(headers: Headers, added: Mapping[str, str]) -> None:
     for name, value in added.items():
         if headers.get(name) == value:
             del headers[name]
-
-
-_w3c_cache: tuple[object, TextMapPropagator | None] = (None, None)
-
-
-def _w3c_propagator() -> TextMapPropagator | None:
-    """The global propagator without `LaminarPropagator` (we write that header ourselves),
-    recomputed only when the global propagator is replaced."""
-    global _w3c_cache
-    textmap = propagate.get_global_textmap()
-    seen, filtered = _w3c_cache
-    if seen is textmap:
-        return filtered
-    filtered = _without_laminar(textmap)
-    _w3c_cache = (textmap, filtered)
-    return filtered
-
-
-def _without_laminar(textmap: TextMapPropagator) -> TextMapPropagator | None:
-    if isinstance(textmap, LaminarPropagator):
-        return None
-    inner = getattr(textmap, "_propagators", None)
-    if isinstance(textmap, CompositePropagator) and isinstance(inner, (list, tuple)):
-        kept = [p for p in inner if not isinstance(p, LaminarPropagator)]
-        if len(kept) == len(inner):
-            return textmap
-        return CompositePropagator(kept) if kept else None
-    return textmap
 
 
 class _Carrier:
@@ -452,7 +423,7 @@ class OutboundHook:
             value = target.serialize()
             headers[HEADER_NAME] = value
             added[HEADER_NAME] = value
-        w3c = _w3c_propagator()
+        w3c = global_propagator_without_laminar()
         if w3c is not None:
             w3c.inject(_Carrier(headers, present, added), ctx, _ADD_MISSING)
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.semconv.attributes.client_attributes import CLIENT_ADDRESS
@@ -75,6 +75,7 @@ from .context import (
     remote_parent_context,
 )
 from .processor import ensure_path_processor
+from .propagator import global_propagator_without_laminar
 
 __all__ = [
     "DEFAULT_HEADER_NAMES",
@@ -585,7 +586,8 @@ class InboundTracer:
     @staticmethod
     def _extract(carrier: Any, getter: Getter[Any]) -> Context | None:
         try:
-            return propagate.extract(carrier, Context(), getter)
+            textmap = global_propagator_without_laminar()
+            return None if textmap is None else textmap.extract(carrier, Context(), getter)
         except Exception:
             internal_error("the global OpenTelemetry propagator's extract")
             return None

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import (
     CarrierT,
     Getter,
@@ -27,7 +28,7 @@ from .codec import HEADER_NAME, HEADER_NAME_ALIAS, parse_with_reason
 from .config import TrustOption, TrustPolicy
 from .context import remote_parent_context, span_context_of
 
-__all__ = ["LaminarPropagator"]
+__all__ = ["LaminarPropagator", "global_propagator_without_laminar"]
 
 # Getters differ: some match names exactly (plain dicts), some case-insensitively.
 _NAMES = (HEADER_NAME, HEADER_NAME.lower(), HEADER_NAME_ALIAS)
@@ -98,3 +99,33 @@ class LaminarPropagator(TextMapPropagator):
     @property
     def fields(self) -> set[str]:
         return {HEADER_NAME}
+
+
+_filtered: tuple[object, TextMapPropagator | None] = (None, None)
+
+
+def global_propagator_without_laminar() -> TextMapPropagator | None:
+    """The global propagator minus `LaminarPropagator`: what the middlewares and hooks use
+    for W3C and other headers, since they read and write the Laminar header themselves
+    (so it is sent once and a refused one is not parsed twice). Recomputed only when the
+    global propagator is replaced; None when nothing is left."""
+    global _filtered
+    textmap = propagate.get_global_textmap()
+    seen, filtered = _filtered
+    if seen is textmap:
+        return filtered
+    filtered = _without_laminar(textmap)
+    _filtered = (textmap, filtered)
+    return filtered
+
+
+def _without_laminar(textmap: TextMapPropagator) -> TextMapPropagator | None:
+    if isinstance(textmap, LaminarPropagator):
+        return None
+    inner = getattr(textmap, "_propagators", None)
+    if isinstance(textmap, CompositePropagator) and isinstance(inner, (list, tuple)):
+        kept = [p for p in inner if not isinstance(p, LaminarPropagator)]
+        if len(kept) == len(inner):
+            return textmap
+        return CompositePropagator(kept) if kept else None
+    return textmap

@@ -20,7 +20,8 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from laminar_middleware import HEADER_NAME, LaminarPropagator, LaminarSpanContext
-from laminar_middleware._client import _method_info, _without_laminar, redact_url
+from laminar_middleware._client import _method_info, redact_url
+from laminar_middleware.propagator import _without_laminar
 
 TRACER = trace.get_tracer("tests.outbound")
 SIGV4 = (

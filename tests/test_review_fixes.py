@@ -129,3 +129,35 @@ def test_excluded_paths_accept_one_compiled_pattern() -> None:
     excluded = ExcludedPaths(re.compile(r"/health(/.*)?"))
     assert excluded.matches("/health") and excluded.matches("/health/db")
     assert not excluded.matches("/healthy")
+
+
+def test_a_refused_header_is_parsed_and_logged_once_with_laminar_in_the_global_propagator(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry import propagate
+
+    from laminar_middleware import LaminarWSGIMiddleware
+
+    monkeypatch.setattr(
+        propagate,
+        "_HTTP_TEXT_FORMAT",
+        CompositePropagator([TraceContextTextMapPropagator(), LaminarPropagator()]),
+    )
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = LaminarWSGIMiddleware(app)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "wsgi.url_scheme": "http",
+        "HTTP_X_LAMINAR_SPAN_CONTEXT": '{"trace_id": "not an id"}',
+    }
+    with caplog.at_level("WARNING", logger="laminar_middleware"):
+        body = middleware(environ, lambda status, headers, exc_info=None: None)
+        assert list(body) == [b"ok"]
+        body.close()  # type: ignore[attr-defined]
+    refusals = [r for r in caplog.records if "invalid Laminar span context" in r.getMessage()]
+    assert len(refusals) == 1
