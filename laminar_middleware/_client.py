@@ -57,6 +57,7 @@ from .context import (
     SPAN_IDS_PATH,
     SPAN_PATH,
     get_tracer,
+    name_server_span,
     set_path_attributes,
     span_context_of,
 )
@@ -300,6 +301,7 @@ class OutboundHook:
         parent_span_context = parent.get_span_context()
         if not parent_span_context.is_valid:
             return None
+        name_server_span(ctx)
 
         foreign = _is_http_client_span(parent)
         if foreign or (_SUPPRESS_HTTP_KEY is not None and ctx.get(_SUPPRESS_HTTP_KEY)):

@@ -22,7 +22,7 @@ Choosing the remote context (spec §3, §5, §9):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
@@ -67,6 +67,7 @@ from .codec import (
 )
 from .config import ExcludedPaths, ExcludedPathsOption, TrustOption, TrustPolicy
 from .context import (
+    SERVER_SPAN_NAMER,
     SPAN_IDS_PATH,
     SPAN_PATH,
     association_attributes,
@@ -153,6 +154,7 @@ class ServerRequest:
         "_context",
         "_ended",
         "_failed",
+        "_namer",
         "_owned",
         "_parent_path",
         "_prefix",
@@ -187,6 +189,7 @@ class ServerRequest:
         self._route: str | None = None
         self._ended = False
         self._failed = False
+        self._namer: Callable[[], str | None] | None = None
 
     @property
     def ended(self) -> bool:
@@ -197,6 +200,23 @@ class ServerRequest:
         """The route template once known."""
         return self._route
 
+    def find_route_with(self, find_route: Callable[[], str | None]) -> None:
+        """How the adapter reads the route once the framework has matched it: used when a
+        child span or an outbound header needs this span's final name early."""
+        self._namer = find_route
+
+    def _name_now(self) -> None:
+        find_route = self._namer
+        if find_route is None or self._route is not None or self._ended or not self._owned:
+            return
+        try:
+            route = find_route()
+        except Exception:
+            internal_error("finding the route")
+            return
+        if route:
+            self.set_route(route)
+
     def attach(self) -> Tokens:
         """Make the span current (in Laminar's SDK context too, when it is initialized);
         returns what `detach` needs. Call `detach` in the same thread or task."""
@@ -205,7 +225,13 @@ class ServerRequest:
         try:
             context = self._context
             if context is None:
-                context = self._context = trace.set_span_in_context(self.span)
+                context = trace.set_span_in_context(self.span)
+                if self._namer is not None:
+                    context = otel_context.set_value(SERVER_SPAN_NAMER, self._name_now, context)
+                self._context = context
+            elif self._namer is not None and SERVER_SPAN_NAMER not in context:
+                context = otel_context.set_value(SERVER_SPAN_NAMER, self._name_now, context)
+                self._context = context
             token = otel_context.attach(context)
             bridge = self._bridge
             if bridge is not None:

@@ -172,6 +172,7 @@ class LaminarASGIMiddleware:
     ) -> None:
         root_path = scope.get("root_path", "")
         trailers = False
+        request.find_route_with(lambda: self._route_of(scope, root_path))
 
         async def send_wrapper(message: Message) -> None:
             nonlocal trailers

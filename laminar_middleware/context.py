@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.context import Context
+from opentelemetry.context import Context, create_key
 from opentelemetry.trace import (
     NonRecordingSpan,
     Span,
@@ -44,6 +44,7 @@ __all__ = [
     "extract",
     "get_tracer",
     "inject",
+    "name_server_span",
     "parent_attributes",
     "remote_parent_context",
     "serialize_span_context",
@@ -63,6 +64,11 @@ TRACE_TYPE: Final = ASSOCIATION_PREFIX + "trace_type"
 METADATA_PREFIX: Final = ASSOCIATION_PREFIX + "metadata."
 
 INSTRUMENTATION_NAME: Final = "laminar_middleware"
+# The inbound middlewares put a callable here while a request runs: it names the request's
+# SERVER span by its route, if the framework has matched it by then. Called before a child's
+# Laminar path is copied from the server span's, so the path says `GET /items/{id}`, not
+# `GET` (the route is only known after the span started).
+SERVER_SPAN_NAMER: Final = create_key("laminar_middleware.name-server-span")
 _LOWER_NAMES: Final = (HEADER_NAME.lower(), HEADER_NAME_ALIAS)
 
 # id(provider) -> (a weak reference to that provider, its tracer). The reference tells a
@@ -204,8 +210,18 @@ def _no_constants(name: str) -> Any:
     raise ValueError(name)
 
 
+def name_server_span(context: Context | None = None) -> None:
+    """Let the inbound middleware name its SERVER span by route now, if it can (see
+    SERVER_SPAN_NAMER). Never raises: the namer guards itself."""
+    namer = otel_context.get_value(SERVER_SPAN_NAMER, context)
+    if callable(namer):
+        namer()
+
+
 def serialize_span_context(span: Span | None = None) -> str | None:
     """The header value for a span (the current one when None); None without a valid span."""
+    if span is None:
+        name_server_span()
     context = span_context_of(span)
     return None if context is None else context.serialize()
 

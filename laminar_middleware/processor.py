@@ -31,6 +31,7 @@ from .context import (
     PARENT_SPAN_PATH,
     SPAN_IDS_PATH,
     SPAN_PATH,
+    name_server_span,
 )
 
 __all__ = ["LaminarPathSpanProcessor", "ensure_path_processor"]
@@ -52,6 +53,7 @@ class LaminarPathSpanProcessor(SpanProcessor):
             parent_ids = own.get(PARENT_SPAN_IDS_PATH, ())
             inherited: Any = {}
         else:
+            name_server_span(parent_context)
             parent = trace.get_current_span(parent_context)
             inherited = getattr(parent, "attributes", None)
             if not inherited or SPAN_PATH not in inherited:

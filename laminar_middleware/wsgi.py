@@ -130,6 +130,7 @@ class LaminarWSGIMiddleware:
                 internal_error("LaminarWSGIMiddleware start_response")
             return start_response(status, headers, *args)
 
+        request.find_route_with(lambda: _route_of(environ))
         token = request.attach()
         try:
             iterable = self.app(environ, start_response_wrapper)
