@@ -49,8 +49,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvid
 from opentelemetry.util.types import AttributeValue
 
 from ._guard import guard
+from ._http import KNOWN_METHODS, exception_type
 from ._lmnr import active_bridge
-from .codec import HEADER_NAME, HEADER_NAME_ALIAS, LaminarSpanContext
+from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext
 from .config import PropagateToOption, PropagationTargets, is_signed_request
 from .context import (
     ASSOCIATION_PREFIX,
@@ -81,12 +82,9 @@ _SUPPRESS_HTTP_KEY: Final[str | None] = getattr(
 )
 _CALL_KEY: Final = otel_context.create_key("laminar_middleware.outbound_call")
 
-_KNOWN_METHODS: Final = (
-    "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE",
-)  # fmt: skip
 # method -> (span name, start attributes), per the HTTP client span conventions.
 _METHODS: Final[dict[str, tuple[str, dict[str, AttributeValue]]]] = {
-    method: (method, {HTTP_REQUEST_METHOD: method}) for method in _KNOWN_METHODS
+    method: (method, {HTTP_REQUEST_METHOD: method}) for method in KNOWN_METHODS
 }
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _HTTP_METHOD_KEYS: Final = (HTTP_REQUEST_METHOD, "http.method")
@@ -133,11 +131,8 @@ def _is_http_client_span(span: Span) -> bool:
     return attributes is not None and any(key in attributes for key in _HTTP_METHOD_KEYS)
 
 
-_HEADER_LOWER: Final = HEADER_NAME.lower()
-
-
 def _has_laminar_header(present: Container[str]) -> bool:
-    return _HEADER_LOWER in present or HEADER_NAME_ALIAS in present
+    return HEADER_NAMES_LOWER[0] in present or HEADER_NAMES_LOWER[1] in present
 
 
 def _strip(headers: Headers, added: Mapping[str, str]) -> None:
@@ -220,7 +215,7 @@ def _set_status_code(span: Span, status_code: int) -> None:
 
 
 def _record_error(span: Span, exc: BaseException) -> None:
-    name = type(exc).__qualname__
+    name = exception_type(exc)
     span.set_attribute(ERROR_TYPE, name)
     if isinstance(exc, Exception):
         span.record_exception(exc)

@@ -57,6 +57,7 @@ from opentelemetry.trace import (
 from opentelemetry.util.types import AttributeValue
 
 from ._guard import internal_error, log_bad_header
+from ._http import KNOWN_METHODS, exception_type
 from ._lmnr import LaminarBridge, active_bridge
 from .codec import (
     HEADER_NAME,
@@ -87,11 +88,6 @@ __all__ = [
 
 DEFAULT_HEADER_NAMES: Final = (HEADER_NAME, HEADER_NAME_ALIAS)
 
-# OpenTelemetry's known methods; anything else is "_OTHER" and names the span "HTTP", so a
-# caller cannot mint span names (cardinality) with made-up methods.
-_KNOWN_METHODS: Final = frozenset(
-    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
-)
 WEBSOCKET_SPAN_PREFIX: Final = "WS"
 _ROOT: Final = Context()
 _MAX_HOSTS: Final = 256
@@ -115,12 +111,6 @@ def split_host(value: str) -> tuple[str, int | None]:
     if port.isdigit() and len(port) <= 5:
         return host, int(port)
     return host, None
-
-
-def _exception_type(exc: BaseException) -> str:
-    cls = type(exc)
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 def _span_context(remote: LaminarSpanContext) -> SpanContext:
@@ -312,7 +302,7 @@ class ServerRequest:
             self._failed = True
             span = self.span
             span.record_exception(exc, escaped=True)
-            span.set_attribute(ERROR_TYPE, _exception_type(exc))
+            span.set_attribute(ERROR_TYPE, exception_type(exc))
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         except Exception:
             internal_error("recording an exception on the server span")
@@ -376,7 +366,7 @@ class InboundTracer:
         self.header_names: tuple[str, ...] = names
         # Precomputed per request shape: the method part of a span name and its attribute.
         self._methods: dict[str, tuple[str, dict[str, AttributeValue]]] = {
-            m: (m, {HTTP_REQUEST_METHOD: m}) for m in _KNOWN_METHODS
+            m: (m, {HTTP_REQUEST_METHOD: m}) for m in KNOWN_METHODS
         }
         self._hosts: dict[str, tuple[str, int | None]] = {}
         self._ensure_processor()

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 __all__ = [
     "HEADER_NAME",
+    "HEADER_NAMES_LOWER",
     "HEADER_NAME_ALIAS",
     "MAX_HEADER_BYTES",
     "MAX_METADATA_KEYS",
@@ -33,6 +34,8 @@ __all__ = [
 HEADER_NAME: Final = "X-Laminar-Span-Context"
 # Some Laminar integrations send the header under this name.
 HEADER_NAME_ALIAS: Final = "laminar-span-context"
+# Both names as they compare: header names are case-insensitive.
+HEADER_NAMES_LOWER: Final = (HEADER_NAME.lower(), HEADER_NAME_ALIAS)
 
 MAX_HEADER_BYTES: Final = 8 * 1024
 MAX_PATH_ENTRIES: Final = 256

@@ -29,7 +29,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
-from .codec import HEADER_NAME, HEADER_NAME_ALIAS, LaminarSpanContext, format_uuid, thaw
+from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid, thaw
 
 __all__ = [
     "ASSOCIATION_PREFIX",
@@ -69,7 +69,6 @@ INSTRUMENTATION_NAME: Final = "laminar_middleware"
 # Laminar path is copied from the server span's, so the path says `GET /items/{id}`, not
 # `GET` (the route is only known after the span started).
 SERVER_SPAN_NAMER: Final = create_key("laminar_middleware.name-server-span")
-_LOWER_NAMES: Final = (HEADER_NAME.lower(), HEADER_NAME_ALIAS)
 
 # id(provider) -> (a weak reference to that provider, its tracer). The reference tells a
 # live provider from a collected one whose id was reused, and drops the entry with it.
@@ -310,7 +309,7 @@ def inject(carrier: MutableMapping[str, str], span: Span | None = None) -> None:
 
     A value already there is left alone; without a valid span nothing is added.
     """
-    if any(key.lower() in _LOWER_NAMES for key in carrier):
+    if any(key.lower() in HEADER_NAMES_LOWER for key in carrier):
         return
     value = serialize_span_context(span)
     if value is not None:
@@ -324,7 +323,7 @@ def extract(carrier: Mapping[str, Any]) -> LaminarSpanContext | None:
     """
     found: Any = None
     for key, value in carrier.items():
-        if isinstance(key, str) and key.lower() in _LOWER_NAMES:
+        if isinstance(key, str) and key.lower() in HEADER_NAMES_LOWER:
             if found is not None and value != found:
                 return None
             found = value

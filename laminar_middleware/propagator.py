@@ -24,7 +24,7 @@ from opentelemetry.propagators.textmap import (
 )
 
 from ._guard import guard, log_bad_header
-from .codec import HEADER_NAME, HEADER_NAME_ALIAS, parse_with_reason
+from .codec import HEADER_NAME, HEADER_NAME_ALIAS, HEADER_NAMES_LOWER, parse_with_reason
 from .config import TrustOption, TrustPolicy
 from .context import remote_parent_context, span_context_of
 
@@ -32,7 +32,6 @@ __all__ = ["LaminarPropagator", "global_propagator_without_laminar"]
 
 # Getters differ: some match names exactly (plain dicts), some case-insensitively.
 _NAMES = (HEADER_NAME, HEADER_NAME.lower(), HEADER_NAME_ALIAS)
-_LOWER_NAMES = (HEADER_NAME.lower(), HEADER_NAME_ALIAS)
 
 
 class LaminarPropagator(TextMapPropagator):
@@ -89,7 +88,7 @@ class LaminarPropagator(TextMapPropagator):
     def _inject(self, carrier: Any, context: Context | None, setter: Setter[Any]) -> None:
         # A header the caller set (either name, any case) is kept, never doubled.
         if isinstance(carrier, Mapping) and any(
-            isinstance(key, str) and key.lower() in _LOWER_NAMES for key in carrier
+            isinstance(key, str) and key.lower() in HEADER_NAMES_LOWER for key in carrier
         ):
             return
         remote = span_context_of(trace.get_current_span(context))

@@ -534,7 +534,7 @@ def test_connection_refused_reraises_the_original(
     assert type(caught.value) is httpx.ConnectError
     (span,) = client_spans(exporter.get_finished_spans())
     assert span.status.status_code is StatusCode.ERROR
-    assert dict(span.attributes or {})["error.type"] == "ConnectError"
+    assert dict(span.attributes or {})["error.type"] == "httpx.ConnectError"
     assert [event.name for event in span.events] == ["exception"]
 
 
@@ -546,7 +546,7 @@ async def test_timeout_reraises_the_original(base: str, exporter: InMemorySpanEx
     assert type(caught.value) is httpx.ReadTimeout
     (span,) = client_spans(exporter.get_finished_spans())
     assert span.status.status_code is StatusCode.ERROR
-    assert dict(span.attributes or {})["error.type"] == "ReadTimeout"
+    assert dict(span.attributes or {})["error.type"] == "httpx.ReadTimeout"
 
 
 # --- fail open -----------------------------------------------------------------------------

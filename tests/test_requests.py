@@ -363,7 +363,7 @@ def test_connection_refused_reraises_the_original(
     assert type(caught.value) is requests.exceptions.ConnectionError
     (span,) = client_spans(exporter.get_finished_spans())
     assert span.status.status_code is StatusCode.ERROR
-    assert dict(span.attributes or {})["error.type"] == "ConnectionError"
+    assert dict(span.attributes or {})["error.type"] == "requests.exceptions.ConnectionError"
     assert [event.name for event in span.events] == ["exception"]
 
 
@@ -377,7 +377,7 @@ def test_timeout_reraises_the_original(
     assert type(caught.value) is requests.exceptions.ReadTimeout
     (span,) = client_spans(exporter.get_finished_spans())
     assert span.status.status_code is StatusCode.ERROR
-    assert dict(span.attributes or {})["error.type"] == "ReadTimeout"
+    assert dict(span.attributes or {})["error.type"] == "requests.exceptions.ReadTimeout"
 
 
 # --- fail open -----------------------------------------------------------------------------
