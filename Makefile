@@ -7,7 +7,7 @@ BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 LINT_PATHS := laminar_middleware tests $(wildcard examples benchmarks)
 
-.PHONY: test demo lint typecheck pytest bench bench-quick clean
+.PHONY: test demo lint typecheck pytest bench bench-quick soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/run.py --quick
+
+# 100 000 requests through each middleware: spans started == ended, no live spans, no
+# context left attached, flat traced memory (tests/soak.py; `make test` runs 5 000).
+soak: $(STAMP)
+	$(BIN)/python tests/soak.py --requests 100000
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -57,6 +57,43 @@ def obj(**fields: Any) -> bytes:
     return json.dumps({"trace_id": TRACE, "span_id": SPAN, **fields}).encode()
 
 
+def camel(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"n": value}
+    return value
+
+
+def nested_list(depth: int) -> Any:
+    value: Any = ["a"]
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def padded(size: int) -> bytes:
+    """A valid context padded to exactly `size` bytes with an unknown key."""
+    base = obj(pad="")
+    return obj(pad="p" * (size - len(base)))
+
+
+def raw_metadata_value(literal: bytes) -> bytes:
+    """A valid context whose metadata holds one value written as this JSON literal."""
+    return obj(metadata={"v": "@@"}).replace(b'"@@"', literal)
+
+
+def dup_keys(first: str, last: str) -> bytes:
+    return ('{"trace_id":"%s","span_id":"%s","trace_id":"%s"}' % (first, SPAN, last)).encode()
+
+
+W3C_PARENT = (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331)
+TRACEPARENT = b"00-%032x-%016x-01" % W3C_PARENT
+
+
 @dataclass(frozen=True)
 class Case:
     label: str
@@ -64,6 +101,8 @@ class Case:
     asgi_continues: bool = False
     # A WSGI server joins repeated lines with ",": such a value is no context.
     wsgi_continues: bool | None = None
+    # The (trace id, span id) of the parent when the request continues a remote context.
+    parent: tuple[int, int] = (REMOTE.trace_id, REMOTE.span_id)
 
     @property
     def wsgi(self) -> bool:
@@ -100,6 +139,145 @@ CASES = [
     Case("unknown keys and trace type", [(NAME, obj(trace_type="WHAT", extra={"k": 1}))], True),
     Case("many junk headers", [(f"x-junk-{i}".encode(), b"v" * 100) for i in range(200)]),
     Case("bad traceparent too", [(NAME, b"{nope"), (b"traceparent", b"00-zz-zz-01")]),
+    # -- garbage
+    Case("empty object", [(NAME, b"{}")]),
+    Case("JSON null", [(NAME, b"null")]),
+    Case("JSON number", [(NAME, b"12345")]),
+    Case("single-quoted pseudo-JSON", [(NAME, VALID.replace(b'"', b"'"))]),
+    Case("valid then trailing garbage", [(NAME, VALID + b"xyz")]),
+    Case("two objects back to back", [(NAME, VALID + VALID)]),
+    Case("byte-order mark first", [(NAME, b"\xef\xbb\xbf" + VALID)]),
+    Case("unbalanced closers", [(NAME, b"}" * 5000)]),
+    Case("surrounding whitespace", [(NAME, b"  \t" + VALID + b" \t ")], True),
+    Case("CR LF inside the JSON", [(NAME, VALID.replace(b",", b",\r\n", 1))], True),
+    # -- truncated
+    Case("one brace", [(NAME, b"{")]),
+    Case("truncated near the end", [(NAME, VALID[:-30])]),
+    Case("unterminated string", [(NAME, b'{"trace_id":"' + TRACE.encode())]),
+    Case("truncated UTF-8 sequence", [(NAME, obj(user_id="ñ").replace(b"\\u00f1", b"\xc3"))]),
+    # -- nesting
+    Case("metadata nested 20 deep", [(NAME, obj(metadata=nested(20)))]),
+    Case("metadata nested 15 deep", [(NAME, obj(metadata=nested(15)))], True),
+    Case("brackets inside a string", [(NAME, obj(user_id="[{" * 2500))], True),
+    Case("deep arrays in a path", [(NAME, obj(span_path=nested_list(40)))]),
+    # -- size
+    Case("1 MB of garbage", [(NAME, b"{" + b"a" * 1_000_000)]),
+    Case("1 MB valid-looking", [(NAME, obj(metadata={"pad": "x" * 1_000_000}))]),
+    Case("one byte over 8 KiB", [(NAME, padded(8 * 1024 + 1))]),
+    Case("exactly 8 KiB", [(NAME, padded(8 * 1024))], True),
+    Case("1 MB in an unrelated header", [(b"x-big", b"z" * 1_000_000), (NAME, VALID)], True),
+    # -- invalid UTF-8 and NUL bytes (raw ASGI carries any bytes)
+    Case("overlong UTF-8", [(NAME, b'{"trace_id":"\xc0\xaf"}')]),
+    Case("UTF-8-encoded surrogate", [(NAME, obj(user_id="@").replace(b"@", b"\xed\xa0\x80"))]),
+    Case("latin-1 byte in a valid context", [(NAME, obj(user_id="@").replace(b"@", b"\xe9"))]),
+    Case("invalid UTF-8 in a header name", [(NAME + b"\xff", VALID)]),
+    Case("NUL only", [(NAME, b"\x00")]),
+    Case("NUL after a valid value", [(NAME, VALID + b"\x00")]),
+    Case("NUL in the header name", [(b"x-laminar\x00-span-context", VALID)]),
+    Case("escaped NUL in user id", [(NAME, obj(user_id="a\u0000b"))], True),
+    Case("header name with a trailing space", [(NAME + b" ", VALID)]),
+    # -- duplicates and both names
+    Case("three lines, one different", [(NAME, VALID), (NAME, VALID), (NAME, OTHER)]),
+    Case("an empty line beside a valid one", [(NAME, b""), (NAME, VALID)]),
+    Case("alias name only", [(ALIAS, VALID)], True),
+    Case("alias name in mixed case", [(b"Laminar-Span-Context", VALID)], True),
+    Case("both names, alias first", [(ALIAS, OTHER), (NAME, VALID)]),
+    Case("duplicate JSON keys, last valid", [(NAME, dup_keys("nope", TRACE))], True),
+    Case("duplicate JSON keys, last invalid", [(NAME, dup_keys(TRACE, "nope"))]),
+    # -- valid-looking contexts with zero ids
+    Case("both ids zero", [(NAME, obj(trace_id=format_uuid(0), span_id=format_uuid(0)))]),
+    Case("zero ids in camelCase", [(NAME, camel(traceId=format_uuid(0), spanId=format_uuid(0)))]),
+    Case("zero trace id as 32 hex digits", [(NAME, obj(trace_id="0" * 32))]),
+    Case("zero span id in braces", [(NAME, obj(span_id="{%s}" % format_uuid(0)))]),
+    Case("snake zero beats camel valid", [(NAME, obj(trace_id=format_uuid(0), traceId=TRACE))]),
+    Case("camelCase valid", [(NAME, camel(traceId=TRACE, spanId=SPAN))], True),
+    Case(
+        "ids in upper case, braces and urn",
+        [(NAME, obj(trace_id="urn:uuid:" + TRACE.upper(), span_id="{%s}" % SPAN))],
+        True,
+    ),
+    Case("ids with inner whitespace", [(NAME, obj(trace_id=" " + TRACE))]),
+    # -- numbers beyond 64 bits
+    Case("trace id as a 200-bit number", [(NAME, obj(trace_id=1 << 200))]),
+    Case("span id as a number", [(NAME, obj(span_id=REMOTE.span_id))]),
+    Case("trace id of 33 hex digits", [(NAME, obj(trace_id="1" * 33))]),
+    Case("span id of exactly 2**64", [(NAME, obj(span_id=format_uuid(1 << 64)))]),
+    Case(
+        "metadata integers beyond 64 bits",
+        [(NAME, obj(metadata={"big": 1 << 70, "neg": -(1 << 64), "list": [1 << 65]}))],
+        True,
+    ),
+    Case(
+        "metadata float overflow",
+        [(NAME, raw_metadata_value(b"1e400"))],
+        True,
+    ),
+    Case(
+        "metadata integer of 4000 digits",
+        [(NAME, raw_metadata_value(b"9" * 4000))],
+        True,
+    ),
+    # -- huge metadata
+    Case("65 metadata keys", [(NAME, obj(metadata={f"k{i}": i for i in range(65)}))], True),
+    Case("metadata string over 1 KiB", [(NAME, obj(metadata={"s": "x" * 1025}))], True),
+    Case("metadata key over 1 KiB", [(NAME, obj(metadata={"k" * 1025: 1}))], True),
+    Case("metadata that is a list", [(NAME, obj(metadata=[1, 2, 3]))], True),
+    Case(
+        "metadata of 64 keys near 8 KiB",
+        [(NAME, obj(metadata={f"k{i:02}": "v" * 100 for i in range(64)}))],
+        True,
+    ),
+    # -- paths
+    Case(
+        "paths of 10 000 entries",
+        [(NAME, obj(span_path=["a"] * 10_000, span_ids_path=[SPAN] * 10_000))],
+    ),
+    Case(
+        "paths of 257 entries",
+        [(NAME, obj(span_path=["a"] * 257, span_ids_path=["b"] * 257))],
+        True,
+    ),
+    Case(
+        "paths of different lengths",
+        [(NAME, obj(span_path=["a", "b"], span_ids_path=[SPAN]))],
+        True,
+    ),
+    Case(
+        "path entry over 1 KiB", [(NAME, obj(span_path=["a" * 1025], span_ids_path=[SPAN]))], True
+    ),
+    Case(
+        "user and session ids of the wrong type",
+        [(NAME, obj(user_id={"a": 1}, session_id=7))],
+        True,
+    ),
+    Case("user id over 1 KiB", [(NAME, obj(user_id="u" * 1025))], True),
+    # -- the W3C fallback
+    Case(
+        "valid Laminar and valid traceparent", [(NAME, VALID), (b"traceparent", TRACEPARENT)], True
+    ),
+    Case(
+        "invalid Laminar, valid traceparent",
+        [(NAME, b"garbage"), (b"traceparent", TRACEPARENT)],
+        True,
+        parent=W3C_PARENT,
+    ),
+    Case(
+        "ambiguous Laminar, valid traceparent",
+        [(NAME, VALID), (NAME, OTHER), (b"traceparent", TRACEPARENT)],
+        True,
+        parent=W3C_PARENT,
+    ),
+    Case("zero-id traceparent", [(b"traceparent", b"00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-01")]),
+    Case(
+        "invalid UTF-8 in Host and User-Agent",
+        [(b"host", b"\xff\xfe:99999999999"), (b"user-agent", b"\xc3(" * 500), (NAME, VALID)],
+        True,
+    ),
+    Case(
+        "1000 junk headers and a valid one",
+        [*((b"x-junk", b"%d" % i) for i in range(1000)), (NAME, VALID)],
+        True,
+    ),
 ]
 
 
@@ -209,11 +387,15 @@ def ours(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
     ]
 
 
-def check_span(span: ReadableSpan, continues: bool) -> None:
+def check_span(
+    span: ReadableSpan,
+    continues: bool,
+    parent: tuple[int, int] = (REMOTE.trace_id, REMOTE.span_id),
+) -> None:
     assert span.end_time is not None
     if continues:
         assert span.parent is not None
-        assert (span.context.trace_id, span.parent.span_id) == (REMOTE.trace_id, REMOTE.span_id)
+        assert (span.context.trace_id, span.parent.span_id) == parent
     else:
         assert span.parent is None
 
@@ -232,7 +414,7 @@ async def test_hostile_headers_asgi(case: Case, exporter: InMemorySpanExporter) 
     assert got == expected
     assert expected[0]["status"] == 200
     (span,) = ours(exporter)
-    check_span(span, case.asgi_continues)
+    check_span(span, case.asgi_continues, case.parent)
     assert span.name == "GET /items/{item_id}"
 
 
@@ -247,7 +429,7 @@ def test_hostile_headers_wsgi(case: Case, exporter: InMemorySpanExporter) -> Non
     assert got == expected
     assert expected[0] == "200 OK"
     (span,) = ours(exporter)
-    check_span(span, case.wsgi)
+    check_span(span, case.wsgi, case.parent)
     assert span.name == "GET /items/<item_id>"
 
 
