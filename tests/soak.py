@@ -9,12 +9,14 @@ responses, 404s and apps that raise) and then reports:
 - live `contextvars.Token` objects before and after (must not grow), whether the context of
   the task or thread that made each request is the same object after it as before (an
   attach without its detach would leave it changed), and the caller's context,
-- traced memory (tracemalloc) after a warm-up, half-way and at the end: the growth must stay
-  within a small bound that does not scale with the number of requests.
+- traced memory (tracemalloc) after a warm-up and after each tenth of the run: the growth
+  must stay within a small bound that does not scale with the number of requests
+  (`--diff` lists the source lines whose allocations grew most).
 
 tests/test_hardening_leaks.py runs the same code with 5 000 requests per middleware.
 
-    python tests/soak.py [--requests N] [--warmup N] [--no-tracemalloc]
+    python tests/soak.py [--requests N] [--warmup N] [--memory-bound BYTES] [--diff]
+                         [--no-tracemalloc]
 """
 
 from __future__ import annotations
@@ -320,7 +322,11 @@ class Report:
     memory_after_warmup: int = 0
     memory_halfway: int = 0
     memory_end: int = 0
+    # Traced memory at evenly spaced points of the run (after the warm-up).
+    memory_checkpoints: list[int] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
+    # With `diff`: the lines whose allocations grew most between the warm-up and the end.
+    top_growth: list[str] = field(default_factory=list)
 
     @property
     def growth(self) -> int:
@@ -331,8 +337,15 @@ class Report:
         return self.memory_end - self.memory_halfway
 
 
-def run(requests: int, warmup: int = 1000, trace_memory: bool = True) -> Report:
-    """`requests` through each middleware after `warmup` through each."""
+def run(
+    requests: int,
+    warmup: int = 1000,
+    trace_memory: bool = True,
+    diff: bool = False,
+    checkpoints: int = 10,
+) -> Report:
+    """`requests` through each middleware after `warmup` through each, measuring traced
+    memory at `checkpoints` evenly spaced points (an even number: one is half-way)."""
     provider = TracerProvider()
     counter = CountingProcessor()
     provider.add_span_processor(counter)
@@ -372,12 +385,20 @@ def run(requests: int, warmup: int = 1000, trace_memory: bool = True) -> Report:
     try:
         batch(0, warmup)
         report.memory_after_warmup = memory()
+        first = tracemalloc.take_snapshot() if trace_memory and diff else None
         report.tokens_before = live_tokens()
-        half = requests // 2
-        batch(warmup, half)
-        report.memory_halfway = memory()
-        batch(warmup + half, requests - half)
+        done = 0
+        for point in range(1, checkpoints + 1):
+            upto = requests * point // checkpoints
+            batch(warmup + done, upto - done)
+            done = upto
+            report.memory_checkpoints.append(memory())
+            if 2 * point == checkpoints:
+                report.memory_halfway = report.memory_checkpoints[-1]
         report.memory_end = memory()
+        if first is not None:
+            stats = tracemalloc.take_snapshot().compare_to(first, "lineno")
+            report.top_growth = [str(stat) for stat in stats[:10]]
         report.tokens_after = live_tokens()
     finally:
         if trace_memory:
@@ -428,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2000, help="per middleware")
     parser.add_argument("--memory-bound", type=int, default=1024 * 1024, help="bytes")
     parser.add_argument("--no-tracemalloc", action="store_true")
+    parser.add_argument("--diff", action="store_true", help="show where traced memory grew")
     args = parser.parse_args(argv)
-    report = run(args.requests, args.warmup, trace_memory=not args.no_tracemalloc)
+    report = run(args.requests, args.warmup, not args.no_tracemalloc, args.diff)
     print(json.dumps(asdict(report), indent=2))
     print(
         f"traced memory growth after warm-up: {report.growth} bytes "
