@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Container, Mapping, MutableMapping
+from collections.abc import Callable, Container, Mapping, MutableMapping, Sequence
 from typing import Any, Final, cast
 
 from opentelemetry import context as otel_context
@@ -48,18 +48,19 @@ from opentelemetry.semconv.attributes.url_attributes import URL_FULL
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.util.types import AttributeValue
 
-from ._guard import guard
+from ._guard import guard, internal_error
 from ._http import KNOWN_METHODS, exception_type
 from ._lmnr import active_bridge
-from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext
+from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid, trusted_context
 from .config import PropagateToOption, PropagationTargets, is_signed_request
 from .context import (
     ASSOCIATION_PREFIX,
     SPAN_IDS_PATH,
     SPAN_PATH,
+    attributes_of,
     get_tracer,
+    laminar_paths,
     name_server_span,
-    set_path_attributes,
     span_context_of,
 )
 from .propagator import global_propagator_without_laminar
@@ -81,6 +82,10 @@ _SUPPRESS_HTTP_KEY: Final[str | None] = getattr(
     otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None
 )
 _CALL_KEY: Final = otel_context.create_key("laminar_middleware.outbound_call")
+# What the inner send runs under besides our span: contrib HTTP client spans suppressed.
+_INNER_VALUES: Final[dict[str, object]] = (
+    {} if _SUPPRESS_HTTP_KEY is None else {_SUPPRESS_HTTP_KEY: True}
+)
 
 # method -> (span name, start attributes), per the HTTP client span conventions.
 _METHODS: Final[dict[str, tuple[str, dict[str, AttributeValue]]]] = {
@@ -185,7 +190,10 @@ class Call:
     def respond(self, status_code: object) -> None:
         """The response's status line has arrived."""
         if self.span is not None and isinstance(status_code, int):
-            guard("outbound response", None, _set_status_code, self.span, status_code)
+            try:
+                _set_status_code(self.span, status_code)
+            except Exception:
+                internal_error("outbound response")
 
     def error(self, exc: BaseException) -> None:
         """The call (or reading its body) raised `exc`."""
@@ -198,7 +206,10 @@ class Call:
             return
         self._ended = True
         if self.span is not None:
-            guard("outbound span end", None, self.span.end)
+            try:
+                self.span.end()
+            except Exception:
+                internal_error("outbound span end")
 
     def fail(self, exc: BaseException) -> None:
         """The inner send raised: detach, record, end. The caller re-raises `exc` itself."""
@@ -322,18 +333,19 @@ class OutboundHook:
                 port = port or _DEFAULT_PORTS.get(scheme)
                 if port:
                     attributes[SERVER_PORT] = port
-            parent_attributes: Mapping[str, Any] | None = getattr(parent, "attributes", None)
+            parent_attributes = attributes_of(parent)
+            paths: tuple[Sequence[str], Sequence[str]] | None = None
             associated = False
             if parent_attributes:
                 for attribute, value in parent_attributes.items():
                     if attribute.startswith(ASSOCIATION_PREFIX):
                         attributes[attribute] = value
                         associated = True
-                parent_path = parent_attributes.get(SPAN_PATH)
-                if parent_path is not None:
+                paths = laminar_paths(parent, parent_attributes)
+                if paths is not None:
                     # As a start attribute, so path processors have nothing left to do;
                     # the ids path needs this span's id and is set once it has started.
-                    attributes[SPAN_PATH] = (*parent_path, name)
+                    attributes[SPAN_PATH] = (*paths[0], name)
             tracer = self._tracer
             if not self._fixed_provider:
                 # With Laminar's SDK initialized, client spans go where its spans go.
@@ -344,15 +356,13 @@ class OutboundHook:
             call.span = span
             try:
                 target = self._name_client_span(
-                    span, name, parent, parent_span_context, parent_attributes, associated
+                    span, parent, parent_span_context, parent_attributes, paths, associated
                 )
                 # One new context: our span current, contrib HTTP instrumentation inside
                 # suppressed, and the marker that makes stacked hooks of ours stand aside.
-                values = dict(trace.set_span_in_context(span, ctx))
-                if _SUPPRESS_HTTP_KEY is not None:
-                    values[_SUPPRESS_HTTP_KEY] = True
-                values[_CALL_KEY] = call
-                new_ctx = otel_context.Context(values)
+                new_ctx = otel_context.Context(
+                    {**trace.set_span_in_context(span, ctx), **_INNER_VALUES, _CALL_KEY: call}
+                )
                 if self.may_send(url, host, query, headers, present):
                     self._inject(call, headers, present, target, new_ctx)
                 call.token = otel_context.attach(new_ctx)
@@ -368,43 +378,38 @@ class OutboundHook:
     @staticmethod
     def _name_client_span(
         span: Span,
-        name: str,
         parent: Span,
         parent_span_context: trace.SpanContext,
-        parent_attributes: Mapping[str, Any] | None,
+        parent_attributes: Mapping[str, Any],
+        parent_paths: tuple[Sequence[str], Sequence[str]] | None,
         associated: bool,
     ) -> LaminarSpanContext | None:
         """The context the header carries: the client span's, with its Laminar path.
 
-        Where the path processor (or Laminar's own, on its provider) is installed, it has
-        already extended the parent's path in `on_start`; otherwise it is done here. A
-        parent without a Laminar path gives none to the client span either.
+        The path went in with the start attributes; the ids path needs the span's id, so it
+        is set here (Laminar's own span processor, on its provider, has already set both).
+        A parent without a Laminar path gives none to the client span either.
         """
         span_context = span.get_span_context()
         if not span_context.is_valid or span_context.span_id == parent_span_context.span_id:
             # No SDK (a no-op tracer hands back the parent's context): name the parent.
             return span_context_of(parent)
         own: Mapping[str, Any] | None = getattr(span, "attributes", None)
-        if (
-            own is not None
-            and SPAN_IDS_PATH not in own
-            and parent_attributes
-            and SPAN_PATH in parent_attributes
-        ):
-            set_path_attributes(
-                span,
-                name,
-                parent_attributes[SPAN_PATH],
-                parent_attributes.get(SPAN_IDS_PATH, ()),
-            )
-        if associated or own is None:
+        if own is None:
+            return span_context_of(span)
+        span_path: Sequence[str] = ()
+        span_ids_path: Sequence[str] = ()
+        if parent_paths is not None:
+            span_path = own.get(SPAN_PATH, ())
+            span_ids_path = own.get(SPAN_IDS_PATH, ())
+            if not span_ids_path:
+                span_ids_path = (*parent_paths[1], format_uuid(span_context.span_id))
+                span.set_attribute(SPAN_IDS_PATH, span_ids_path)
+        if associated:
             return span_context_of(span)
         # Nothing but ids and paths to carry: no need to scan the attributes.
-        return LaminarSpanContext(
-            span_context.trace_id,
-            span_context.span_id,
-            own.get(SPAN_PATH, ()),
-            own.get(SPAN_IDS_PATH, ()),
+        return trusted_context(
+            span_context.trace_id, span_context.span_id, tuple(span_path), tuple(span_ids_path)
         )
 
     @staticmethod

@@ -144,9 +144,12 @@ class ServerRequest:
         "_context",
         "_ended",
         "_failed",
+        "_name",
         "_namer",
         "_owned",
+        "_parent_ids_path",
         "_parent_path",
+        "_paths_set",
         "_prefix",
         "_remote",
         "_route",
@@ -159,6 +162,7 @@ class ServerRequest:
         span: Span,
         prefix: str,
         parent_path: tuple[str, ...],
+        parent_ids_path: tuple[str, ...] = (),
         base: Context | None = None,
         bridge: LaminarBridge | None = None,
         remote: LaminarSpanContext | None = None,
@@ -170,7 +174,12 @@ class ServerRequest:
         self._owned = owned
         self.status_code: int | None = None
         self._prefix = prefix
+        self._name = prefix
         self._parent_path = parent_path
+        self._parent_ids_path = parent_ids_path
+        # The Laminar paths are set once someone needs them (see SERVER_SPAN_NAMER) or with
+        # the response: most requests then set them in the call that records the status.
+        self._paths_set = not owned
         # The context to attach: the span on top of `base`, or of whatever is current when
         # first attached (the adapters attach right away, in the request's own context).
         self._context = None if base is None else trace.set_span_in_context(span, base)
@@ -196,16 +205,33 @@ class ServerRequest:
         self._namer = find_route
 
     def _name_now(self) -> None:
+        """Before someone reads this span's Laminar attributes: name it by route if the
+        framework knows the route by now, and set its paths."""
+        if self._ended or not self._owned:
+            return
         find_route = self._namer
-        if find_route is None or self._route is not None or self._ended or not self._owned:
-            return
-        try:
-            route = find_route()
-        except Exception:
-            internal_error("finding the route")
-            return
-        if route:
-            self.set_route(route)
+        if find_route is not None and self._route is None:
+            try:
+                route = find_route()
+            except Exception:
+                internal_error("finding the route")
+                route = None
+            if route:
+                self.set_route(route)
+                return
+        if not self._paths_set:
+            try:
+                self.span.set_attributes(self._paths())
+            except Exception:
+                internal_error("setting the Laminar path attributes")
+
+    def _paths(self) -> dict[str, AttributeValue]:
+        self._paths_set = True
+        span_id = format_uuid(self.span.get_span_context().span_id)
+        return {
+            SPAN_PATH: (*self._parent_path, self._name),
+            SPAN_IDS_PATH: (*self._parent_ids_path, span_id),
+        }
 
     def attach(self) -> Tokens:
         """Make the span current (in Laminar's SDK context too, when it is initialized);
@@ -216,10 +242,10 @@ class ServerRequest:
             context = self._context
             if context is None:
                 context = trace.set_span_in_context(self.span)
-                if self._namer is not None:
+                if self._owned:
                     context = otel_context.set_value(SERVER_SPAN_NAMER, self._name_now, context)
                 self._context = context
-            elif self._namer is not None and SERVER_SPAN_NAMER not in context:
+            elif self._owned and SERVER_SPAN_NAMER not in context:
                 context = otel_context.set_value(SERVER_SPAN_NAMER, self._name_now, context)
                 self._context = context
             token = otel_context.attach(context)
@@ -257,9 +283,11 @@ class ServerRequest:
 
     def _named(self, route: str) -> dict[str, AttributeValue]:
         self._route = route
-        name = f"{self._prefix} {route}"
+        self._name = name = f"{self._prefix} {route}"
         self.span.update_name(name)
-        return {HTTP_ROUTE: route, SPAN_PATH: (*self._parent_path, name)}
+        attributes = self._paths()
+        attributes[HTTP_ROUTE] = route
+        return attributes
 
     def _refresh_borrowed_path(self) -> None:
         # The other layer names its span when it matches the route: follow that name.
@@ -281,9 +309,13 @@ class ServerRequest:
         try:
             code = int(status)
             self.status_code = code
-            attributes: dict[str, AttributeValue] = (
-                self._named(route) if route and route != self._route else {}
-            )
+            attributes: dict[str, AttributeValue]
+            if route and route != self._route:
+                attributes = self._named(route)
+            elif not self._paths_set:
+                attributes = self._paths()
+            else:
+                attributes = {}
             attributes[HTTP_RESPONSE_STATUS_CODE] = code
             if code >= 500 and not self._failed:
                 attributes[ERROR_TYPE] = str(code)
@@ -325,6 +357,11 @@ class ServerRequest:
         if not self._owned:
             self._refresh_borrowed_path()
             return
+        if not self._paths_set:
+            try:
+                self.span.set_attributes(self._paths())
+            except Exception:
+                internal_error("setting the Laminar path attributes")
         try:
             self.span.end()
         except Exception:
@@ -506,9 +543,8 @@ class InboundTracer:
             tracer = self.tracer
             if not self._processor_ready:
                 self._ensure_processor()
-        # The Laminar path goes in with the start attributes (so path processors leave it
-        # alone); the ids path needs this span's own id, known once it has started.
-        attributes[SPAN_PATH] = (*parent_path, prefix)
+        # The caller's paths go in with the start attributes: Laminar's SDK computes the
+        # span's own paths from them when it starts. Ours are set later (ServerRequest).
         span = tracer.start_span(
             prefix,
             context=parent if parent is not None else _ROOT,
@@ -516,17 +552,11 @@ class InboundTracer:
             attributes=attributes,
             links=links,
         )
-        try:
-            # (Laminar's SDK's processor sets it on start, when the span is on its provider.)
-            if bridge is None or SPAN_IDS_PATH not in (getattr(span, "attributes", None) or {}):
-                span_id = format_uuid(span.get_span_context().span_id)
-                span.set_attribute(SPAN_IDS_PATH, (*parent_ids_path, span_id))
-        except Exception:
-            internal_error("setting the Laminar path attributes")
         return ServerRequest(
             span,
             prefix,
             parent_path,
+            parent_ids_path,
             base,
             bridge,
             continued,
@@ -564,7 +594,9 @@ class InboundTracer:
         attributes[SPAN_PATH] = (*parent_path, getattr(span, "name", "") or "HTTP")
         attributes[SPAN_IDS_PATH] = (*parent_ids_path, own_id)
         span.set_attributes(attributes)
-        return ServerRequest(span, "", parent_path, None, active_bridge(), continued, owned=False)
+        return ServerRequest(
+            span, "", parent_path, parent_ids_path, None, active_bridge(), continued, owned=False
+        )
 
     def _ensure_processor(self) -> None:
         # Laminar paths for the spans the app starts under ours: once, on an SDK provider

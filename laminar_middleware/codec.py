@@ -29,6 +29,7 @@ __all__ = [
     "format_uuid",
     "parse_with_reason",
     "thaw",
+    "trusted_context",
 ]
 
 HEADER_NAME: Final = "X-Laminar-Span-Context"
@@ -354,6 +355,16 @@ def _checked_context(
     fields["trace_type"] = trace_type
     fields["metadata"] = metadata
     return context
+
+
+def trusted_context(
+    trace_id: int, span_id: int, span_path: tuple[str, ...], span_ids_path: tuple[str, ...]
+) -> LaminarSpanContext:
+    """A context with ids and paths only, from values this package made itself (span ids,
+    attribute tuples): built without the dataclass's checks. `serialize` still checks."""
+    return _checked_context(
+        trace_id, span_id, span_path, span_ids_path, None, None, None, _EMPTY_METADATA
+    )
 
 
 def parse_with_reason(

@@ -21,6 +21,7 @@ from opentelemetry.trace import (
     NonRecordingSpan,
     Span,
     SpanContext,
+    SpanKind,
     Status,
     StatusCode,
     TraceFlags,
@@ -44,6 +45,7 @@ __all__ = [
     "extract",
     "get_tracer",
     "inject",
+    "laminar_paths",
     "name_server_span",
     "parent_attributes",
     "remote_parent_context",
@@ -65,9 +67,10 @@ METADATA_PREFIX: Final = ASSOCIATION_PREFIX + "metadata."
 
 INSTRUMENTATION_NAME: Final = "laminar_middleware"
 # The inbound middlewares put a callable here while a request runs: it names the request's
-# SERVER span by its route, if the framework has matched it by then. Called before a child's
-# Laminar path is copied from the server span's, so the path says `GET /items/{id}`, not
-# `GET` (the route is only known after the span started).
+# SERVER span by its route, if the framework has matched it by then, and sets the span's
+# Laminar paths. Called before a child's Laminar path is copied from the server span's, so
+# the path says `GET /items/{id}`, not `GET` (the route is only known after the span
+# started), and so a request nobody asks about sets its paths once, with the response.
 SERVER_SPAN_NAMER: Final = create_key("laminar_middleware.name-server-span")
 
 # id(provider) -> (a weak reference to that provider, its tracer). The reference tells a
@@ -163,6 +166,46 @@ def set_path_attributes(
     )
 
 
+def laminar_paths(
+    span: Span, attributes: Mapping[str, Any]
+) -> tuple[Sequence[str], Sequence[str]] | None:
+    """A span's Laminar path and ids path (`attributes` are its attributes), or None.
+
+    A SERVER span of this package's middlewares sets its paths when first asked through
+    SERVER_SPAN_NAMER, or with the response; a reader that comes before (a span started
+    with an explicit parent context) gets here the values they will have: the caller's
+    paths plus this span's name and id.
+    """
+    path = attributes.get(SPAN_PATH)
+    if path is not None:
+        return path, attributes.get(SPAN_IDS_PATH, ())
+    scope = getattr(span, "instrumentation_scope", None)
+    if getattr(scope, "name", None) != INSTRUMENTATION_NAME:
+        return None
+    if getattr(span, "kind", None) is not SpanKind.SERVER:
+        return None
+    span_id = format_uuid(span.get_span_context().span_id)
+    return (
+        (*attributes.get(PARENT_SPAN_PATH, ()), getattr(span, "name", "")),
+        (*attributes.get(PARENT_SPAN_IDS_PATH, ()), span_id),
+    )
+
+
+def attributes_of(span: Span) -> Mapping[str, Any]:
+    """A span's attributes as a plain mapping, cheap to read many times; {} if it has none."""
+    attributes: Any = getattr(span, "attributes", None)
+    if not attributes:
+        return {}
+    # The SDK's live attributes lock and look up every key when iterated; copy() is one
+    # C-level dict copy (BoundedAttributes and MappingProxyType both have it).
+    copy = getattr(attributes, "copy", None)
+    try:
+        snapshot = copy() if copy is not None else None
+    except Exception:
+        snapshot = None
+    return snapshot if isinstance(snapshot, dict) else dict(attributes)
+
+
 def span_context_of(span: Span | None = None) -> LaminarSpanContext | None:
     """The `LaminarSpanContext` of a span (the current one when None); None if invalid."""
     if span is None:
@@ -170,7 +213,7 @@ def span_context_of(span: Span | None = None) -> LaminarSpanContext | None:
     span_context = span.get_span_context()
     if not span_context.is_valid:
         return None
-    attributes: Mapping[str, Any] = getattr(span, "attributes", None) or {}
+    attributes = attributes_of(span)
     if not attributes:
         return LaminarSpanContext(span_context.trace_id, span_context.span_id)
     metadata: dict[str, Any] = {}
@@ -179,11 +222,12 @@ def span_context_of(span: Span | None = None) -> LaminarSpanContext | None:
             metadata[key[len(METADATA_PREFIX) :]] = _metadata_value(value)
     user_id = attributes.get(USER_ID)
     session_id = attributes.get(SESSION_ID)
+    span_path, span_ids_path = laminar_paths(span, attributes) or ((), ())
     return LaminarSpanContext(
         trace_id=span_context.trace_id,
         span_id=span_context.span_id,
-        span_path=tuple(attributes.get(SPAN_PATH, ())),
-        span_ids_path=tuple(attributes.get(SPAN_IDS_PATH, ())),
+        span_path=tuple(span_path),
+        span_ids_path=tuple(span_ids_path),
         user_id=None if user_id is None else str(user_id),
         session_id=None if session_id is None else str(session_id),
         trace_type=attributes.get(TRACE_TYPE),

@@ -23,14 +23,17 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 from opentelemetry.trace import TracerProvider
 
-from ._guard import guard
+from ._guard import internal_error
 from .codec import format_uuid
 from .context import (
     ASSOCIATION_PREFIX,
+    INSTRUMENTATION_NAME,
     PARENT_SPAN_IDS_PATH,
     PARENT_SPAN_PATH,
     SPAN_IDS_PATH,
     SPAN_PATH,
+    attributes_of,
+    laminar_paths,
     name_server_span,
 )
 
@@ -42,7 +45,15 @@ class LaminarPathSpanProcessor(SpanProcessor):
     whose parent has a Laminar path (or that start with `lmnr.span.parent_path`)."""
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        guard("LaminarPathSpanProcessor.on_start", None, self._on_start, span, parent_context)
+        # Spans this package opens set their own paths (a server span when they are first
+        # needed, see context.laminar_paths): nothing to do, and the cheapest check first.
+        try:
+            scope = span.instrumentation_scope
+            if scope is not None and scope.name == INSTRUMENTATION_NAME:
+                return
+            self._on_start(span, parent_context)
+        except Exception:
+            internal_error("LaminarPathSpanProcessor.on_start")
 
     def _on_start(self, span: Span, parent_context: Context | None) -> None:
         own: Any = span.attributes or {}
@@ -55,11 +66,11 @@ class LaminarPathSpanProcessor(SpanProcessor):
         else:
             name_server_span(parent_context)
             parent = trace.get_current_span(parent_context)
-            inherited = getattr(parent, "attributes", None)
-            if not inherited or SPAN_PATH not in inherited:
+            inherited = attributes_of(parent)
+            paths = laminar_paths(parent, inherited) if inherited else None
+            if paths is None:
                 return
-            parent_path = inherited[SPAN_PATH]
-            parent_ids = inherited.get(SPAN_IDS_PATH, ())
+            parent_path, parent_ids = paths
         updates: dict[str, Any] = {
             SPAN_PATH: (*parent_path, span.name),
             SPAN_IDS_PATH: (*parent_ids, format_uuid(span.get_span_context().span_id)),

@@ -60,7 +60,8 @@ def _begin(hook: OutboundHook, request: requests.PreparedRequest) -> Call | None
         scheme,
         query,
         headers,
-        headers,  # case-insensitive: lowercased names are found
+        # Lowercased, in one pass: each lookup in a CaseInsensitiveDict lowercases again.
+        {name.lower() for name in headers},
         request.__dict__.get(_INJECTED_ATTRIBUTE),
     )
     if call is not None and call.injected:

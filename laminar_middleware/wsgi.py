@@ -183,10 +183,11 @@ class _ResponseIterable:
     """The app's response, with the span current while each chunk is made and ended by
     `close()`."""
 
-    __slots__ = ("_environ", "_iterable", "_request")
+    __slots__ = ("_environ", "_iterable", "_iterator", "_request")
 
     def __init__(self, iterable: Iterable[bytes], request: ServerRequest, environ: Environ):
         self._iterable = iterable
+        self._iterator: Iterator[bytes] | None = None
         self._request = request
         self._environ = environ
 
@@ -194,32 +195,26 @@ class _ResponseIterable:
         iterable = self._iterable
         if isinstance(iterable, (list, tuple)):
             return iter(iterable)  # runs no code while iterated: nothing to make current
-        return self._chunks()
+        return self
 
-    def _chunks(self) -> Iterator[bytes]:
-        # The span is current during each step only, and detached before each chunk is
-        # handed to the server: no context leaks into the server's own code.
+    def __next__(self) -> bytes:
+        # The span is current during each step only (the first one also runs the
+        # response's __iter__), and detached before the chunk is handed to the server:
+        # no context leaks into the server's own code.
         request = self._request
         tokens = request.attach()
         try:
-            iterator = iter(self._iterable)
+            iterator = self._iterator
+            if iterator is None:
+                iterator = self._iterator = iter(self._iterable)
+            return next(iterator)
+        except StopIteration:
+            raise
         except BaseException as exc:
             request.fail(exc)
             raise
         finally:
             request.detach(tokens)
-        while True:
-            tokens = request.attach()
-            try:
-                chunk = next(iterator)
-            except StopIteration:
-                return
-            except BaseException as exc:
-                request.fail(exc)
-                raise
-            finally:
-                request.detach(tokens)
-            yield chunk
 
     def close(self) -> None:
         request = self._request

@@ -1,0 +1,159 @@
+"""The server span sets its Laminar paths when first needed, or with the response.
+
+Nobody may see the difference: every reader (a child span, an outbound header, a serialized
+context, the exported span) gets the same paths as if they had been set at start. Real
+Flask under Werkzeug and Starlette under uvicorn, called over sockets.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from conftest import run_uvicorn, run_wsgi, wait_for_spans
+from flask import Flask
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from laminar_middleware import (
+    HEADER_NAME,
+    LaminarASGIMiddleware,
+    LaminarSpanContext,
+    LaminarWSGIMiddleware,
+    serialize_span_context,
+)
+from laminar_middleware.codec import format_uuid
+
+TRACER = trace.get_tracer("tests.lazy_paths")
+
+
+def remote() -> LaminarSpanContext:
+    span_id = random.getrandbits(64) | 1
+    return LaminarSpanContext(
+        random.getrandbits(128) | 1, span_id, ("caller",), (format_uuid(span_id),)
+    )
+
+
+def handler_work() -> dict[str, Any]:
+    """What a handler does that reads the server span's paths before any response."""
+    server_span = trace.get_current_span()
+    # A span started with an explicit parent context: no middleware callback in it.
+    explicit = TRACER.start_span("explicit", context=trace.set_span_in_context(server_span))
+    explicit.end()
+    return {
+        "explicit": serialize_span_context(explicit),
+        "server": serialize_span_context(server_span),  # the span itself, passed explicitly
+    }
+
+
+def flask_app() -> Any:
+    app = Flask("lazy")
+
+    @app.get("/items/<int:item_id>")
+    def item(item_id: int) -> dict[str, Any]:
+        return handler_work()
+
+    @app.get("/boom")
+    def boom() -> str:
+        raise RuntimeError("boom")
+
+    app.wsgi_app = LaminarWSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    return app
+
+
+def starlette_app() -> Any:
+    async def item(request: Request) -> JSONResponse:
+        return JSONResponse(handler_work())
+
+    async def boom(request: Request) -> JSONResponse:
+        raise RuntimeError("boom")
+
+    app = Starlette(routes=[Route("/items/{item_id:int}", item), Route("/boom", boom)])
+    app.add_middleware(LaminarASGIMiddleware)
+    return app
+
+
+@pytest.fixture(params=["flask", "starlette"])
+def base(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "flask":
+        with run_wsgi(flask_app()) as url:
+            yield url
+    else:
+        with run_uvicorn(starlette_app()) as url:
+            yield url
+
+
+def server_span(spans: list[ReadableSpan]) -> ReadableSpan:
+    (span,) = [s for s in spans if s.kind is SpanKind.SERVER]
+    return span
+
+
+def test_readers_before_the_response_get_the_paths_the_span_ends_with(
+    base: str, exporter: InMemorySpanExporter
+) -> None:
+    caller = remote()
+    response = requests.get(
+        f"{base}/items/7", headers={HEADER_NAME: caller.serialize()}, timeout=10
+    )
+    assert response.status_code == 200
+    spans = wait_for_spans(exporter, lambda s: len(s) >= 2)
+    server = server_span(spans)
+    own_id = format_uuid(server.context.span_id)
+    attributes = server.attributes or {}
+    # Set with the response: the route name, the caller's paths plus its own.
+    assert attributes["lmnr.span.path"] == ("caller", server.name)
+    assert attributes["lmnr.span.ids_path"] == (*caller.span_ids_path, own_id)
+    assert server.name in ("GET /items/{item_id}", "GET /items/<int:item_id>")
+
+    body = response.json()
+    seen = LaminarSpanContext.parse(body["server"])
+    assert seen is not None and seen.span_id == server.context.span_id
+    # Read before the route name was known to anyone: the caller's path, then this span.
+    assert seen.span_path[:-1] == ("caller",) and seen.span_path[-1].startswith("GET")
+    assert seen.span_ids_path == (*caller.span_ids_path, own_id)
+
+    (explicit,) = [s for s in spans if s.name == "explicit"]
+    explicit_attributes = explicit.attributes or {}
+    assert explicit_attributes["lmnr.span.ids_path"] == (
+        *caller.span_ids_path,
+        own_id,
+        format_uuid(explicit.context.span_id),
+    )
+    assert explicit_attributes["lmnr.span.path"][0] == "caller"
+    assert explicit_attributes["lmnr.span.path"][-1] == "explicit"
+    onward = LaminarSpanContext.parse(body["explicit"])
+    assert onward is not None
+    assert onward.span_ids_path == explicit_attributes["lmnr.span.ids_path"]
+
+
+def test_a_request_that_raises_still_ends_with_its_paths(
+    base: str, exporter: InMemorySpanExporter
+) -> None:
+    caller = remote()
+    response = requests.get(f"{base}/boom", headers={HEADER_NAME: caller.serialize()}, timeout=10)
+    assert response.status_code == 500
+    server = server_span(wait_for_spans(exporter, lambda s: len(s) >= 1))
+    attributes = server.attributes or {}
+    assert attributes["lmnr.span.path"] == ("caller", server.name)
+    assert attributes["lmnr.span.ids_path"] == (
+        *caller.span_ids_path,
+        format_uuid(server.context.span_id),
+    )
+
+
+def test_a_new_trace_gets_a_root_path(base: str, exporter: InMemorySpanExporter) -> None:
+    assert requests.get(f"{base}/items/1", timeout=10).status_code == 200
+    server = server_span(wait_for_spans(exporter, lambda s: len(s) >= 2))
+    attributes = server.attributes or {}
+    assert attributes["lmnr.span.path"] == (server.name,)
+    assert attributes["lmnr.span.ids_path"] == (format_uuid(server.context.span_id),)
+    assert "lmnr.span.parent_path" not in attributes
