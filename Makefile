@@ -7,7 +7,7 @@ BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 LINT_PATHS := laminar_middleware tests $(wildcard examples benchmarks)
 
-.PHONY: test demo lint typecheck pytest bench bench-quick soak clean
+.PHONY: test demo lint typecheck pytest bench bench-quick bench-instructions soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/run.py --quick
+
+# The same comparison in CPU instructions (valgrind), repeatable on a noisy machine.
+bench-instructions: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/instructions.py --out benchmarks/instructions.json
 
 # 100 000 requests through each middleware: spans started == ended, no live spans, no
 # context left attached, flat traced memory (tests/soak.py; `make test` runs 5 000).

@@ -52,6 +52,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from laminar_middleware import LaminarSpanContext, continue_trace
 from laminar_middleware.codec import format_uuid
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import FloorASGI, FloorOutbound, floor_send, floor_wsgi
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results.json"
 
@@ -60,9 +63,8 @@ DEFAULT_OUT = HERE / "results.json"
 TRACE_ID = 0x390C39AF5D4149394728C63199E54586
 SPAN_ID = 0xC36E4F2938F27B97
 # The Python SDK's header for a root span `service_a` (SPEC §2): 279 bytes.
-LAMINAR_HEADER = LaminarSpanContext(
-    TRACE_ID, SPAN_ID, ("service_a",), (format_uuid(SPAN_ID),)
-).serialize()
+REMOTE = LaminarSpanContext(TRACE_ID, SPAN_ID, ("service_a",), (format_uuid(SPAN_ID),))
+LAMINAR_HEADER = REMOTE.serialize()
 TRACEPARENT = f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01"
 
 
@@ -156,12 +158,15 @@ def compare(
         for o, c in zip(overheads["laminar"], overheads["contrib"], strict=True)
     )
     quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    # The SDK's own share: the floor (floor.py) is the least any implementation pays.
+    floor = variants["floor"]["overhead_us"]
     return {
         "requests_per_round": n,
         "rounds": settings.rounds,
         "variants": variants,
         "ratio": ratio,
         "ratio_per_round_q1_q3": [quartiles[0], quartiles[2]],
+        "floor_ratio": floor / contrib if contrib > 0 else float("inf"),
         "target": target,
         "pass": ratio <= target,
     }
@@ -189,6 +194,8 @@ def asgi_runners() -> dict[str, Runner]:
     ours.add_middleware(LaminarASGIMiddleware, tracer_provider=provider())
     contrib = make_app()
     contrib.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider())
+    floor = make_app()
+    floor.add_middleware(FloorASGI, tracer=provider().get_tracer("floor"), remote=REMOTE)
 
     scope: dict[str, Any] = {
         "type": "http",
@@ -229,7 +236,12 @@ def asgi_runners() -> dict[str, Runner]:
     def runner(app: Any) -> Runner:
         return lambda n: loop.run_until_complete(many(app, n))
 
-    return {"bare": runner(bare), "laminar": runner(ours), "contrib": runner(contrib)}
+    return {
+        "bare": runner(bare),
+        "laminar": runner(ours),
+        "contrib": runner(contrib),
+        "floor": runner(floor),
+    }
 
 
 # -- WSGI: Flask -----------------------------------------------------------------------------
@@ -255,6 +267,8 @@ def wsgi_runners() -> dict[str, Runner]:
     ours.wsgi_app = LaminarWSGIMiddleware(ours.wsgi_app, tracer_provider=provider())  # type: ignore[method-assign]
     contrib = make_app()
     contrib.wsgi_app = OpenTelemetryMiddleware(contrib.wsgi_app, tracer_provider=provider())  # type: ignore[method-assign]
+    floor = make_app()
+    floor.wsgi_app = floor_wsgi(floor.wsgi_app, provider().get_tracer("floor"), REMOTE)  # type: ignore[method-assign]
 
     environ: dict[str, Any] = {
         "REQUEST_METHOD": "GET",
@@ -297,12 +311,18 @@ def wsgi_runners() -> dict[str, Runner]:
 
         return run
 
-    return {"bare": runner(bare), "laminar": runner(ours), "contrib": runner(contrib)}
+    return {
+        "bare": runner(bare),
+        "laminar": runner(ours),
+        "contrib": runner(contrib),
+        "floor": runner(floor),
+    }
 
 
 # -- outbound: httpx and requests ------------------------------------------------------------
 
-URL = "http://service-c.internal:8000/items/42?q=1"
+HOST, PORT = "service-c.internal", 8000
+URL = f"http://{HOST}:{PORT}/items/42?q=1"
 _PARENT_PROVIDER = make_provider()
 
 
@@ -337,10 +357,17 @@ def httpx_runners() -> dict[str, Runner]:
     instrument_httpx(ours, tracer_provider=provider())
     contrib = make_client()
     HTTPXClientInstrumentor.instrument_client(contrib, tracer_provider=provider())
+    inner = httpx.MockTransport(handler)
+    floor_transport = httpx.MockTransport(handler)
+    floor_transport.handle_request = floor_send(  # type: ignore[method-assign]
+        inner.handle_request, FloorOutbound(provider().get_tracer("floor")), HOST, PORT
+    )
+    floor = httpx.Client(transport=floor_transport)
     return {
         "bare": in_a_span(lambda: bare.get(URL)),
         "laminar": in_a_span(lambda: ours.get(URL)),
         "contrib": in_a_span(lambda: contrib.get(URL)),
+        "floor": in_a_span(lambda: floor.get(URL)),
     }
 
 
@@ -387,10 +414,15 @@ def requests_runners() -> dict[str, Runner]:
     contrib_send = requests.Session.send
     instrumentor.uninstrument()
     contrib.send = types.MethodType(contrib_send, contrib)  # type: ignore[method-assign]
+    floor = make_session()
+    floor.send = floor_send(  # type: ignore[method-assign]
+        floor.send, FloorOutbound(provider().get_tracer("floor")), HOST, PORT
+    )
     return {
         "bare": in_a_span(lambda: bare.get(URL)),
         "laminar": in_a_span(lambda: ours.get(URL)),
         "contrib": in_a_span(lambda: contrib.get(URL)),
+        "floor": in_a_span(lambda: floor.get(URL)),
     }
 
 
@@ -547,7 +579,7 @@ def table(results: dict[str, Any]) -> str:
         "",
         "Per-request overhead (variant - bare), median over rounds, microseconds",
         f"{'':10} {'bare':>9} {'laminar':>9} {'contrib':>9} {'ratio':>7} {'(q1-q3)':>11} "
-        f"{'target':>7}  result",
+        f"{'target':>7}  result  {'floor':>7} {'floor ratio':>11}",
     ]
     for group in ("asgi", "wsgi", "httpx", "requests"):
         r = results[group]
@@ -556,9 +588,12 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"{group:10} {v['bare']['median_us']:9.1f} {v['laminar']['overhead_us']:9.1f} "
             f"{v['contrib']['overhead_us']:9.1f} {r['ratio']:7.2f} {f'{q1:.2f}-{q3:.2f}':>11} "
-            f"{r['target']:7.2f}  {'pass' if r['pass'] else 'FAIL'}"
+            f"{r['target']:7.2f}  {'pass' if r['pass'] else 'FAIL'}    "
+            f"{v['floor']['overhead_us']:7.1f} {r['floor_ratio']:11.2f}"
         )
     lines += [
+        "floor: the SDK alone, the span and attributes the spec asks for and nothing else",
+        "(benchmarks/floor.py); floor ratio = floor / contrib, the lowest ratio reachable.",
         "",
         "Codec, median per call, microseconds",
         f"{'':16} {'bytes':>6} {'laminar':>9} {'json':>9} {'ratio':>7} {'target':>7}  result",

@@ -98,6 +98,11 @@ class _AsyncTracedStream(httpx.AsyncByteStream):
 def _responded(call: Call, response: httpx.Response, stream_type: type[Any]) -> httpx.Response:
     call.detach()
     call.respond(response.status_code)
+    if response.is_closed:
+        # Read and closed already (`httpx.Response(content=...)` from a mock or caching
+        # transport): no close() of its stream will come, so the call ends now.
+        call.end()
+        return response
 
     def wrap() -> bool:
         response.stream = stream_type(response.stream, call)

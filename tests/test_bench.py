@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ("asgi", "wsgi", "httpx", "requests")
@@ -33,11 +36,12 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     assert results["meta"]["mode"] == "quick"
     for group in GROUPS:
         section = results[group]
-        assert set(section["variants"]) == {"bare", "laminar", "contrib"}
+        assert set(section["variants"]) == {"bare", "laminar", "contrib", "floor"}
         assert section["variants"]["bare"]["median_us"] > 0
-        for variant in ("laminar", "contrib"):
+        for variant in ("laminar", "contrib", "floor"):
             assert isinstance(section["variants"][variant]["overhead_us"], float)
         assert isinstance(section["ratio"], float)
+        assert isinstance(section["floor_ratio"], float)
         assert isinstance(section["pass"], bool)
         memory = results["memory"][group]
         assert memory["requests"] > 0
@@ -51,3 +55,33 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     for entry in results["codec"].values():
         assert entry["laminar_us"] > 0 and entry["json_us"] > 0
     assert isinstance(results["failed_targets"], list)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_the_floor_records_the_same_span_as_ours(
+    group: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The floor is only a fair bound if it records what we record: same name, kind and
+    attribute keys (values differ only in ids)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    exporter = InMemorySpanExporter()
+    shared = TracerProvider()
+    shared.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(run, "_SHARED_PROVIDER", shared)
+    runners = getattr(run, f"{group}_runners")()
+    recorded = {}
+    for variant, scope in (("laminar", "laminar_middleware"), ("floor", "floor")):
+        exporter.clear()
+        runners[variant](1)
+        (span,) = [
+            s for s in exporter.get_finished_spans() if s.instrumentation_scope.name == scope
+        ]
+        recorded[variant] = span
+    ours, floor = recorded["laminar"], recorded["floor"]
+    assert floor.name == ours.name and floor.kind == ours.kind
+    assert set(floor.attributes or {}) == set(ours.attributes or {})
+    assert "lmnr.span.ids_path" in (floor.attributes or {})

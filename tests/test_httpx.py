@@ -511,6 +511,44 @@ async def test_async_streaming_download_ends_the_span_on_close(
     assert len(client_spans(exporter.get_finished_spans())) == 1
 
 
+def test_a_response_read_by_the_transport_ends_the_span(exporter: InMemorySpanExporter) -> None:
+    # httpx.Response(content=...) is read and closed when made (MockTransport, caching and
+    # mocking transports): no close() of its stream follows, and the span must still end.
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(201, content=b"made in memory")
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        instrument_httpx(client)
+        with TRACER.start_as_current_span("caller"):
+            for _ in range(3):
+                assert client.get("http://svc.internal/items").content == b"made in memory"
+            with client.stream("GET", "http://svc.internal/items") as response:
+                assert response.read() == b"made in memory"
+    spans = client_spans(exporter.get_finished_spans())
+    assert len(spans) == 4 and len(seen) == 4
+    for span, request in zip(spans, seen, strict=True):
+        assert (span.attributes or {})["http.response.status_code"] == 201
+        sent = LaminarSpanContext.parse(request.headers[HEADER_NAME])
+        assert sent is not None and sent.span_id == span.context.span_id
+
+
+async def test_async_response_read_by_the_transport_ends_the_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"ok")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        instrument_httpx(client)
+        with TRACER.start_as_current_span("caller"):
+            for _ in range(3):
+                assert (await client.get("http://svc.internal/")).content == b"ok"
+    assert len(client_spans(exporter.get_finished_spans())) == 3
+
+
 def test_server_errors_mark_the_span(
     base: str, client: httpx.Client, exporter: InMemorySpanExporter
 ) -> None:
