@@ -219,6 +219,9 @@ class ServerRequest:
             if route:
                 self.set_route(route)
                 return
+        self._ensure_paths()
+
+    def _ensure_paths(self) -> None:
         if not self._paths_set:
             try:
                 self.span.set_attributes(self._paths())
@@ -357,11 +360,7 @@ class ServerRequest:
         if not self._owned:
             self._refresh_borrowed_path()
             return
-        if not self._paths_set:
-            try:
-                self.span.set_attributes(self._paths())
-            except Exception:
-                internal_error("setting the Laminar path attributes")
+        self._ensure_paths()
         try:
             self.span.end()
         except Exception:
