@@ -387,8 +387,8 @@ class OutboundHook:
         """The context the header carries: the client span's, with its Laminar path.
 
         The path went in with the start attributes; the ids path needs the span's id, so it
-        is set here (Laminar's own span processor, on its provider, has already set both).
-        A parent without a Laminar path gives none to the client span either.
+        is set here (Laminar's own span processor, on its provider, has already set both,
+        also under a parent without a Laminar path: the header then carries those).
         """
         span_context = span.get_span_context()
         if not span_context.is_valid or span_context.span_id == parent_span_context.span_id:
@@ -397,14 +397,11 @@ class OutboundHook:
         own: Mapping[str, Any] | None = getattr(span, "attributes", None)
         if own is None:
             return span_context_of(span)
-        span_path: Sequence[str] = ()
-        span_ids_path: Sequence[str] = ()
-        if parent_paths is not None:
-            span_path = own.get(SPAN_PATH, ())
-            span_ids_path = own.get(SPAN_IDS_PATH, ())
-            if not span_ids_path:
-                span_ids_path = (*parent_paths[1], format_uuid(span_context.span_id))
-                span.set_attribute(SPAN_IDS_PATH, span_ids_path)
+        span_path: Sequence[str] = own.get(SPAN_PATH, ())
+        span_ids_path: Sequence[str] = own.get(SPAN_IDS_PATH, ())
+        if parent_paths is not None and not span_ids_path:
+            span_ids_path = (*parent_paths[1], format_uuid(span_context.span_id))
+            span.set_attribute(SPAN_IDS_PATH, span_ids_path)
         if associated:
             return span_context_of(span)
         # Nothing but ids and paths to carry: no need to scan the attributes.

@@ -224,15 +224,22 @@ class ServerRequest:
     def _ensure_paths(self) -> None:
         if not self._paths_set:
             try:
-                self.span.set_attributes(self._paths())
+                # Called from another thread (a child span starting there), this write can
+                # land after the request's thread renamed the span by route: write again
+                # until the paths carry the name the span has.
+                for _ in range(3):
+                    name = self._name
+                    self.span.set_attributes(self._paths(name))
+                    if name == self._name:
+                        break
             except Exception:
                 internal_error("setting the Laminar path attributes")
 
-    def _paths(self) -> dict[str, AttributeValue]:
+    def _paths(self, name: str) -> dict[str, AttributeValue]:
         self._paths_set = True
         span_id = format_uuid(self.span.get_span_context().span_id)
         return {
-            SPAN_PATH: (*self._parent_path, self._name),
+            SPAN_PATH: (*self._parent_path, name),
             SPAN_IDS_PATH: (*self._parent_ids_path, span_id),
         }
 
@@ -288,7 +295,7 @@ class ServerRequest:
         self._route = route
         self._name = name = f"{self._prefix} {route}"
         self.span.update_name(name)
-        attributes = self._paths()
+        attributes = self._paths(name)
         attributes[HTTP_ROUTE] = route
         return attributes
 
@@ -316,7 +323,7 @@ class ServerRequest:
             if route and route != self._route:
                 attributes = self._named(route)
             elif not self._paths_set:
-                attributes = self._paths()
+                attributes = self._paths(self._name)
             else:
                 attributes = {}
             attributes[HTTP_RESPONSE_STATUS_CODE] = code

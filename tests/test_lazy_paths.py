@@ -7,8 +7,10 @@ Flask under Werkzeug and Starlette under uvicorn, called over sockets.
 
 from __future__ import annotations
 
+import contextvars
 import random
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from conftest import run_uvicorn, run_wsgi, wait_for_spans
 from flask import Flask
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
@@ -157,3 +160,59 @@ def test_a_new_trace_gets_a_root_path(base: str, exporter: InMemorySpanExporter)
     assert attributes["lmnr.span.path"] == (server.name,)
     assert attributes["lmnr.span.ids_path"] == (format_uuid(server.context.span_id),)
     assert "lmnr.span.parent_path" not in attributes
+
+
+def test_a_path_written_from_another_thread_during_routing_is_not_left_stale(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child span started in another thread before Flask has routed asks for the server
+    span's paths; when that write lands after the request's thread has named the span by
+    route, the span must still end with the route's path. The SDK's `set_attributes` is
+    wrapped only to hold the other thread's write until the route is named."""
+    worker_writing = threading.Event()
+    route_named = threading.Event()
+    original = SdkSpan.set_attributes
+
+    def in_order(self: SdkSpan, attributes: Mapping[str, Any]) -> None:
+        server_paths = self.kind is SpanKind.SERVER and "lmnr.span.path" in attributes
+        in_worker = threading.current_thread().name == "child-worker"
+        if server_paths and in_worker and not route_named.is_set():
+            worker_writing.set()
+            route_named.wait(10)
+        original(self, attributes)
+        if server_paths and "http.route" in attributes:
+            route_named.set()
+
+    monkeypatch.setattr(SdkSpan, "set_attributes", in_order)
+
+    app = Flask("race")
+
+    @app.get("/items/<int:item_id>")
+    def item(item_id: int) -> str:
+        return "ok"
+
+    routed = app.wsgi_app
+
+    def before_routing(environ: dict[str, Any], start_response: Any) -> Any:
+        def child() -> None:
+            with TRACER.start_as_current_span("background"):
+                pass
+
+        worker = threading.Thread(
+            target=contextvars.copy_context().run, args=(child,), name="child-worker"
+        )
+        worker.start()
+        worker_writing.wait(10)
+        try:
+            return routed(environ, start_response)
+        finally:
+            worker.join(10)
+
+    app.wsgi_app = LaminarWSGIMiddleware(before_routing)  # type: ignore[method-assign]
+    with run_wsgi(app) as url:
+        assert requests.get(f"{url}/items/3", timeout=10).status_code == 200
+    spans = wait_for_spans(exporter, lambda s: len(s) >= 2)
+    assert worker_writing.is_set() and route_named.is_set()  # the race really happened
+    server = server_span(spans)
+    assert server.name == "GET /items/<int:item_id>"
+    assert (server.attributes or {})["lmnr.span.path"] == (server.name,)

@@ -139,3 +139,24 @@ def test_outbound_headers_inside_observe_are_read_by_the_sdk(run: dict[str, Any]
         assert with_span["span_path"][:-1] == call_llm["attributes"]["lmnr.span.path"]
         if run["mode"] == "plain":
             assert with_span["span_path"][1] == server_name
+
+
+@pytest.mark.parametrize("label", ["foreign-parent", "w3c-parent"])
+def test_under_a_parent_without_paths_the_header_carries_the_client_spans_own(
+    run: dict[str, Any], label: str
+) -> None:
+    # With Laminar's SDK, its processor gives our client span a path of its own ("GET");
+    # the header must say the same, as Laminar.serialize_span_context() would for it.
+    received = {r["path"]: r["header"] for r in run["received"]}
+    (read,) = read_with_lmnr([received[f"/{label}"]])
+    (client,) = [s for s in run["spans"] if s["span_id"] == read["span_id"]]
+    assert client["kind"] == "CLIENT"
+    assert read["trace_id"] == client["trace_id"]
+    if label == "w3c-parent":
+        assert read["trace_id"] == run["w3c_trace_id"]
+    attributes = client["attributes"]
+    assert read["span_path"] == attributes.get("lmnr.span.path", [])
+    assert read["span_ids_path"] == attributes.get("lmnr.span.ids_path", [])
+    if run["mode"] == "lmnr":
+        assert read["span_path"] == ["GET"]
+        assert read["span_ids_path"] == [format_uuid(client["span_id"])]

@@ -12,10 +12,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final
 
 import httpx
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import TracerProvider as OtherProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "plain"
@@ -145,6 +148,23 @@ def build(recorder_url: str) -> tuple[Any, Any]:
     return api, web
 
 
+W3C_PARENT: Final = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def calls_under_parents_without_paths(recorder_url: str) -> None:
+    """Calls whose parent carries no Laminar path: a span of a provider Laminar's SDK does
+    not know, and a W3C context extracted from a message (a queue worker)."""
+    client = httpx.Client()
+    instrument_httpx(client)
+    with OtherProvider().get_tracer("other").start_as_current_span("job"):
+        client.get(f"{recorder_url}/foreign-parent")
+    token = otel_context.attach(propagate.extract({"traceparent": W3C_PARENT}))
+    try:
+        client.get(f"{recorder_url}/w3c-parent")
+    finally:
+        otel_context.detach(token)
+
+
 def span_json(span: ReadableSpan) -> dict[str, Any]:
     return {
         "name": span.name,
@@ -174,12 +194,14 @@ def main() -> None:
             for url in (f"{api_url}/items/1", f"{web_url}/items/2"):
                 response = httpx.get(url, headers={HEADER_NAME: caller.serialize()}, timeout=10)
                 response.raise_for_status()
+        calls_under_parents_without_paths(recorder_url)
     if MODE == "lmnr":
         Laminar.flush()
     print(
         json.dumps(
             {
                 "caller": {"trace_id": caller.trace_id, "span_id": caller.span_id},
+                "w3c_trace_id": int(W3C_PARENT.split("-")[1], 16),
                 "spans": [span_json(s) for s in EXPORTER.get_finished_spans()],
                 "received": received,
             }
