@@ -26,7 +26,7 @@ from opentelemetry.propagators.textmap import (
 from ._guard import guard, log_bad_header
 from .codec import HEADER_NAME, HEADER_NAME_ALIAS, HEADER_NAMES_LOWER, parse_with_reason
 from .config import TrustOption, TrustPolicy
-from .context import remote_parent_context, span_context_of
+from .context import name_server_span, remote_parent_context, span_context_of
 
 __all__ = ["LaminarPropagator", "global_propagator_without_laminar"]
 
@@ -91,6 +91,8 @@ class LaminarPropagator(TextMapPropagator):
             isinstance(key, str) and key.lower() in HEADER_NAMES_LOWER for key in carrier
         ):
             return
+        # A server span of ours gets its route name first, as for the client hooks.
+        name_server_span(context)
         remote = span_context_of(trace.get_current_span(context))
         if remote is not None:
             setter.set(carrier, HEADER_NAME, remote.serialize())

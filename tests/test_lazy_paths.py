@@ -30,6 +30,7 @@ from starlette.routing import Route
 from laminar_middleware import (
     HEADER_NAME,
     LaminarASGIMiddleware,
+    LaminarPropagator,
     LaminarSpanContext,
     LaminarWSGIMiddleware,
     serialize_span_context,
@@ -49,10 +50,14 @@ def remote() -> LaminarSpanContext:
 def handler_work() -> dict[str, Any]:
     """What a handler does that reads the server span's paths before any response."""
     server_span = trace.get_current_span()
-    # A span started with an explicit parent context: no middleware callback in it.
+    # First reader: what a client injecting through the global propagator writes.
+    carrier: dict[str, str] = {}
+    LaminarPropagator().inject(carrier)
+    # A span started with an explicit parent context.
     explicit = TRACER.start_span("explicit", context=trace.set_span_in_context(server_span))
     explicit.end()
     return {
+        "propagated": carrier[HEADER_NAME],
         "explicit": serialize_span_context(explicit),
         "server": serialize_span_context(server_span),  # the span itself, passed explicitly
     }
@@ -123,6 +128,11 @@ def test_readers_before_the_response_get_the_paths_the_span_ends_with(
     # Read before the route name was known to anyone: the caller's path, then this span.
     assert seen.span_path[:-1] == ("caller",) and seen.span_path[-1].startswith("GET")
     assert seen.span_ids_path == (*caller.span_ids_path, own_id)
+    # Through the propagator, from the handler: the route is known, the name final.
+    propagated = LaminarSpanContext.parse(body["propagated"])
+    assert propagated is not None and propagated.span_id == server.context.span_id
+    assert propagated.span_path == ("caller", server.name)
+    assert propagated.span_ids_path == (*caller.span_ids_path, own_id)
 
     (explicit,) = [s for s in spans if s.name == "explicit"]
     explicit_attributes = explicit.attributes or {}
