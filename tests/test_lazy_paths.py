@@ -125,7 +125,7 @@ def test_readers_before_the_response_get_the_paths_the_span_ends_with(
     body = response.json()
     seen = LaminarSpanContext.parse(body["server"])
     assert seen is not None and seen.span_id == server.context.span_id
-    # Read before the route name was known to anyone: the caller's path, then this span.
+    # The span passed explicitly (no callback asked): the caller's path, then this span.
     assert seen.span_path[:-1] == ("caller",) and seen.span_path[-1].startswith("GET")
     assert seen.span_ids_path == (*caller.span_ids_path, own_id)
     # Through the propagator, from the handler: the route is known, the name final.
