@@ -90,12 +90,64 @@ def run_uvicorn(app: Any, **config: Any) -> Iterator[str]:
         sock.close()
 
 
+class _InFlight:
+    """Counts the WSGI responses not closed yet. A server span ends when its response is
+    closed, which is after the client already has the bytes, and werkzeug's request threads
+    are daemons that `server_close()` does not join: without waiting here, the last span of a
+    test could land in the exporter after the next test has cleared it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.open = 0
+        self.idle = threading.Condition()
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        with self.idle:
+            self.open += 1
+        try:
+            return _ClosingBody(self.app(environ, start_response), self._closed)
+        except BaseException:
+            self._closed()
+            raise
+
+    def _closed(self) -> None:
+        with self.idle:
+            self.open -= 1
+            self.idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> None:
+        with self.idle:
+            self.idle.wait_for(lambda: self.open == 0, timeout)
+
+
+class _ClosingBody:
+    """The app's response body, with a call once its `close()` has run (a class, not a
+    generator: a server may close a body it never iterated)."""
+
+    def __init__(self, body: Any, closed: Callable[[], None]) -> None:
+        self.body = body
+        self.closed = closed
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.closed()
+
+
 @contextmanager
 def run_wsgi(app: Any) -> Iterator[str]:
-    """Serve a WSGI app with werkzeug's threaded server in a thread; yields its base URL."""
+    """Serve a WSGI app with werkzeug's threaded server in a thread; yields its base URL.
+    On exit, waits (bounded) until every response has been closed."""
     from werkzeug.serving import make_server
 
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    in_flight = _InFlight(app)
+    server = make_server("127.0.0.1", 0, in_flight, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -104,3 +156,4 @@ def run_wsgi(app: Any) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(10)
+        in_flight.wait_idle(10)

@@ -380,3 +380,30 @@ def test_concurrent_requests_keep_their_own_parents(
     for s in work:
         assert s.parent is not None
         assert s.parent.span_id == server_by_trace[s.context.trace_id]
+
+
+class SlowToClose:
+    """A body whose `close()` is slow: the client has every byte before the span can end."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter([b"ok"])
+
+    def close(self) -> None:
+        time.sleep(1.5)  # longer than the server's 0.5 s shutdown poll
+
+
+def test_the_test_server_stops_only_after_the_last_span_has_ended(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """The harness itself: a span ending after the client has its response must be in the
+    exporter when `run_wsgi` returns, or it would land in the next test's exporter."""
+
+    def app(environ: Any, start_response: Any) -> SlowToClose:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return SlowToClose()
+
+    with run_wsgi(LaminarWSGIMiddleware(app)) as url:
+        response = requests.get(f"{url}/slow", headers={"Connection": "close"}, timeout=10)
+        assert response.text == "ok"
+        assert ours(list(exporter.get_finished_spans())) == []  # the body is still closing
+    assert len(ours(list(exporter.get_finished_spans()))) == 1
