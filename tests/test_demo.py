@@ -255,17 +255,17 @@ def test_export_otlp_sends_the_spans_to_the_endpoint_from_the_environment(
 
 
 def test_export_otlp_to_nowhere_fails_clearly_and_in_bounded_time() -> None:
-    with socket.socket() as sock:  # a port that nothing listens on
+    with socket.socket() as sock:  # bound, never listening: held so no one else takes it
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    done = run_demo(
-        "--export",
-        "otlp",
-        env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
-        },
-    )
+        done = run_demo(
+            "--export",
+            "otlp",
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+            },
+        )
     assert done.returncode == 1
     assert f"demo failed: could not send {SPAN_COUNT} spans to http://127.0.0.1:{port}" in (
         done.stderr

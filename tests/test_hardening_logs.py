@@ -8,6 +8,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -104,7 +105,7 @@ def test_suppressed_lines_are_counted_when_the_minute_is_over(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr(_guard.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(_guard, "time", SimpleNamespace(monotonic=lambda: now[0]))
     monkeypatch.setattr(_guard, "_bad_input", _guard.RateLimitedLogger(_guard.logger))
     wsgi = LaminarWSGIMiddleware(FLASK_WSGI)
     caplog.set_level(logging.WARNING, logger="laminar_middleware")

@@ -577,7 +577,7 @@ def test_connection_refused_reraises_the_original(
 
 
 async def test_timeout_reraises_the_original(base: str, exporter: InMemorySpanExporter) -> None:
-    async with httpx.AsyncClient(timeout=0.1) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=0.1)) as client:
         instrument_httpx(client)
         with TRACER.start_as_current_span("caller"), pytest.raises(httpx.ReadTimeout) as caught:
             await client.get(f"{base}/sleep?s=0.5")

@@ -86,12 +86,15 @@ def echo_server() -> Iterator[str]:
         yield base
 
 
+# Bound for the whole run and never listening: connecting is refused, and no other process
+# can take the port in the meantime, as it could a port merely found free.
+_REFUSING = socket.socket()
+_REFUSING.bind(("127.0.0.1", 0))
+
+
 def closed_port_url() -> str:
     """A URL on loopback where nothing listens: connecting is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+    return f"http://127.0.0.1:{_REFUSING.getsockname()[1]}/"
 
 
 def other_host(base: str) -> str:

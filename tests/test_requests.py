@@ -373,7 +373,7 @@ def test_timeout_reraises_the_original(
     instrument_requests(session)
     with TRACER.start_as_current_span("caller"):
         with pytest.raises(requests.exceptions.ReadTimeout) as caught:
-            session.get(f"{base}/sleep?s=0.5", timeout=0.1)
+            session.get(f"{base}/sleep?s=0.5", timeout=(10, 0.1))
     assert type(caught.value) is requests.exceptions.ReadTimeout
     (span,) = client_spans(exporter.get_finished_spans())
     assert span.status.status_code is StatusCode.ERROR

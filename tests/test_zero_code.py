@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,13 @@ CALLER = LaminarSpanContext(
 CONTRIB = "fastapi,starlette,flask,httpx,httpx2,requests,threading"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """Ports free now, all different: each stays bound until every one is chosen."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -81,10 +83,26 @@ class Services:
             self.spans[name] = console_spans((self.tmp / f"{name}.out").read_text())
             self.stderr[name] = (self.tmp / f"{name}.err").read_text()
 
+    def wait_for(self, **kinds: tuple[int, int]) -> None:
+        """Waits (bounded) until the services have written at least this many spans of each
+        kind, e.g. `SERVER=(2, 1)` for A and B. Neither service flushes its batch processor
+        when it is stopped, and a server span ends after the client has its response, so the
+        test must not stop them before their spans are out."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            self.collect()
+            if all(
+                len(by_kind(self.spans["a"], kind)) >= a
+                and len(by_kind(self.spans["b"], kind)) >= b
+                for kind, (a, b) in kinds.items()
+            ):
+                return
+            time.sleep(0.05)
+
 
 @contextmanager
 def services(tmp: Path, **env: str) -> Iterator[Services]:
-    a_port, b_port = free_port(), free_port()
+    a_port, b_port = free_ports(2)
     running = Services(a_port, b_port, tmp)
     base = {
         **os.environ,
@@ -122,7 +140,6 @@ def services(tmp: Path, **env: str) -> Iterator[Services]:
         wait_listening(a_port, processes["a"])
         wait_listening(b_port, processes["b"])
         yield running
-        time.sleep(0.5)  # the batch processor's 20 ms schedule, with room to spare
     finally:
         for process in processes.values():
             process.terminate()
@@ -149,6 +166,7 @@ def call_chain(tmp: Path, **env: str) -> Services:
             f"{running.a_url}/a", headers={HEADER_NAME: CALLER.serialize()}, timeout=20
         )
         assert answer.json() == {"b": {"leaf": {"leaf": "ok"}}}
+        running.wait_for(SERVER=(2, 1), CLIENT=(1, 1))
     return running
 
 
@@ -230,6 +248,7 @@ def test_excluded_paths_from_the_environment(tmp_path: Path) -> None:
     ) as running:
         assert httpx.get(f"{running.a_url}/health", timeout=20).json() == {"status": "ok"}
         assert httpx.get(f"{running.a_url}/leaf", timeout=20).is_success
+        running.wait_for(SERVER=(1, 0))
     names = [s["name"] for s in by_kind(running.spans["a"], "SERVER")]
     assert names == ["GET /leaf"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -20,6 +21,7 @@ from opentelemetry import propagate
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import TracerProvider as OtherProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "plain"
 EXPORTER = InMemorySpanExporter()
@@ -165,6 +167,16 @@ def calls_under_parents_without_paths(recorder_url: str) -> None:
         otel_context.detach(token)
 
 
+def wait_for_server_spans(count: int) -> None:
+    """A server span ends in the server's thread after the client has its response: the
+    servers must not stop, nor the spans be printed, before they have ended."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if sum(s.kind is SpanKind.SERVER for s in EXPORTER.get_finished_spans()) >= count:
+            return
+        time.sleep(0.01)
+
+
 def span_json(span: ReadableSpan) -> dict[str, Any]:
     return {
         "name": span.name,
@@ -194,6 +206,7 @@ def main() -> None:
             for url in (f"{api_url}/items/1", f"{web_url}/items/2"):
                 response = httpx.get(url, headers={HEADER_NAME: caller.serialize()}, timeout=10)
                 response.raise_for_status()
+            wait_for_server_spans(2)
         calls_under_parents_without_paths(recorder_url)
     if MODE == "lmnr":
         Laminar.flush()
