@@ -72,6 +72,9 @@ def run_uvicorn(app: Any, **config: Any) -> Iterator[str]:
 
     sock = _bound_socket()
     port = sock.getsockname()[1]
+    # uvicorn closes a connection idle for 5 s; a client starved of CPU for that long sends
+    # its next request as the server closes it and gets a ReadError (seen under load).
+    config.setdefault("timeout_keep_alive", 120)
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", lifespan=config.pop("lifespan", "auto"), **config)
     )
