@@ -2,8 +2,11 @@
 
 With `OTEL_PROPAGATORS=tracecontext,baggage,laminar` every OpenTelemetry instrumentation
 (contrib clients and servers, FastAPI's own tracing) carries and reads the Laminar header.
-This module is imported while `opentelemetry.instrumentation` is still importing (entry
-point loading), so it imports nothing from the instrumentation package.
+This module is loaded by `opentelemetry.propagate` while that module is still importing
+(entry-point loading), so nothing in this package imports `opentelemetry.propagate` at
+import time: the global propagator is looked up when first needed. Otherwise
+`import laminar_middleware` under that variable would import this module in the middle of
+its own import.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import (
@@ -111,7 +114,9 @@ def global_propagator_without_laminar() -> TextMapPropagator | None:
     (so it is sent once and a refused one is not parsed twice). Recomputed only when the
     global propagator is replaced; None when nothing is left."""
     global _filtered
-    textmap = propagate.get_global_textmap()
+    from opentelemetry.propagate import get_global_textmap  # late: see the module docstring
+
+    textmap = get_global_textmap()
     seen, filtered = _filtered
     if seen is textmap:
         return filtered
