@@ -1,9 +1,13 @@
 """`instrument()` / `uninstrument()`: the middleware in every app, the hook in every client.
 
-Patches constructors, never anything at import time: every Starlette, FastAPI and Flask app
-built after `instrument()` carries the inbound middleware, and every httpx client and requests
-session the outbound hook. `uninstrument()` restores what it patched; apps and clients built
-in between keep their middleware and hooks.
+Patches classes, never anything at import time. What every instance uses is patched, so an
+app built before `instrument()` is covered too while it has not served a request:
+Starlette and FastAPI build their middleware stack at the first request
+(`build_middleware_stack`, where the middleware is put first), Flask apps are wrapped when
+built and, if built earlier, at their first request. requests sessions go through the
+class's `send`, so every session is covered; httpx fixes a client's transport when the
+client is built, so only clients built afterwards are. `uninstrument()` restores what it
+patched; apps and clients instrumented in between keep their middleware and hooks.
 """
 
 from __future__ import annotations
@@ -14,8 +18,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._guard import guard, internal_error, logger
-from .config import ExcludedPaths, PropagationTargets, TrustPolicy
+from ._guard import guard, internal_error, log_bad_setting, logger
+from .config import (
+    INBOUND_OPTIONS,
+    OUTBOUND_OPTIONS,
+    ExcludedPaths,
+    PropagationTargets,
+    TrustPolicy,
+)
 
 __all__ = ["instrument", "is_instrumented", "uninstrument"]
 
@@ -23,9 +33,7 @@ _lock = threading.Lock()
 # (class, attribute name, original function) for everything patched, to undo it.
 _patched: list[tuple[type, str, Callable[..., Any]]] = []
 _clients_instrumented: list[str] = []
-
-_INBOUND_OPTIONS = ("tracer_provider", "excluded_paths", "trust")
-_OUTBOUND_OPTIONS = ("tracer_provider", "propagate_to", "client_spans")
+_active_options: dict[str, Any] | None = None
 
 
 def is_instrumented() -> bool:
@@ -33,26 +41,37 @@ def is_instrumented() -> bool:
 
 
 def instrument(**options: Any) -> None:
-    """Carry the Laminar header in and out of every app and client made from now on.
+    """Carry the Laminar header in and out of every app and client from now on.
 
     Options are those of the middlewares and hooks (`tracer_provider`, `excluded_paths`,
-    `trust`, `propagate_to`, `client_spans`); unset ones come from `LAMINAR_TRUST`,
-    `LAMINAR_EXCLUDED_PATHS` and `LAMINAR_PROPAGATE_TO`. A bad value is logged once and the
-    default used: this never stops the application from starting.
+    `trust`, `header_names`, `propagate_to`, `client_spans`); unset ones come from
+    `LAMINAR_TRUST`, `LAMINAR_EXCLUDED_PATHS` and `LAMINAR_PROPAGATE_TO`. A bad value is
+    logged once and the safe default used: this never stops the application from starting.
+    A second call keeps the first call's options (`uninstrument()` first to change them).
     """
-    unknown = set(options) - set(_INBOUND_OPTIONS) - set(_OUTBOUND_OPTIONS)
-    if unknown:
-        logger.warning(
-            "laminar_middleware.instrument: ignoring unknown options %s", sorted(unknown)
-        )
-    inbound = _inbound_options(options)
-    outbound = _outbound_options(options)
+    global _active_options
+    known = (*INBOUND_OPTIONS, *OUTBOUND_OPTIONS)
+    for name in [k for k in options if k not in known]:
+        accepted = ", ".join(sorted(set(known)))
+        log_bad_setting(f"instrument({name})", options.pop(name), accepted, "nothing: ignored")
     with _lock:
-        if is_instrumented():
+        if _active_options is not None:
+            if options != _active_options:
+                logger.warning(
+                    "laminar_middleware.instrument() was called again with other options; "
+                    "the first call's options stay (call uninstrument() first to change them)"
+                )
             return
-        _patch_init("starlette.applications", "Starlette", _add_asgi_middleware, inbound)
-        _patch_init("fastapi.applications", "FastAPI", _add_asgi_middleware, inbound)
-        _patch_init("flask.app", "Flask", _wrap_wsgi_app, inbound)
+        _active_options = dict(options)
+        inbound = _inbound_options(options)
+        outbound = _outbound_options(options)
+        for module_name, class_name in (
+            ("starlette.applications", "Starlette"),
+            ("fastapi.applications", "FastAPI"),
+        ):
+            _patch(module_name, class_name, "build_middleware_stack", _first_asgi(inbound))
+        _patch("flask.app", "Flask", "__init__", _after_flask_init(inbound))
+        _patch("flask.app", "Flask", "__call__", _before_flask_call(inbound))
         for library, module in (("httpx", ".httpx"), ("requests", ".requests")):
             if _importable(library):
                 hook = importlib.import_module(module, __package__)
@@ -63,8 +82,10 @@ def instrument(**options: Any) -> None:
 
 
 def uninstrument() -> None:
-    """Undo `instrument()`: new apps and clients carry nothing."""
+    """Undo `instrument()`: apps and clients not yet instrumented carry nothing."""
+    global _active_options
     with _lock:
+        _active_options = None
         while _patched:
             cls, name, original = _patched.pop()
             setattr(cls, name, original)
@@ -81,10 +102,10 @@ def _call(hook: Any, name: str, options: dict[str, Any]) -> bool:
 
 
 def _inbound_options(options: dict[str, Any]) -> dict[str, Any]:
-    chosen = {k: options[k] for k in _INBOUND_OPTIONS if k in options}
-    # Validate once, here, so a bad environment value logs at start-up rather than per app.
+    chosen: dict[str, Any] = {k: options[k] for k in INBOUND_OPTIONS if k in options}
+    # Read the environment once, here, rather than once per app.
     if "trust" not in chosen:
-        chosen["trust"] = guard("LAMINAR_TRUST", None, lambda: TrustPolicy(None).fixed)
+        chosen["trust"] = TrustPolicy(None)
     if "excluded_paths" not in chosen:
         excluded = ExcludedPaths(None, from_env=True)
         if excluded:
@@ -93,9 +114,9 @@ def _inbound_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _outbound_options(options: dict[str, Any]) -> dict[str, Any]:
-    chosen = {k: options[k] for k in _OUTBOUND_OPTIONS if k in options}
+    chosen: dict[str, Any] = {k: options[k] for k in OUTBOUND_OPTIONS if k in options}
     if "propagate_to" not in chosen:
-        chosen["propagate_to"] = guard("LAMINAR_PROPAGATE_TO", None, PropagationTargets)
+        chosen["propagate_to"] = PropagationTargets(None)
     return chosen
 
 
@@ -107,42 +128,81 @@ def _importable(name: str) -> bool:
     return True
 
 
-def _patch_init(
+def _patch(
     module_name: str,
     class_name: str,
-    after_init: Callable[[Any, dict[str, Any]], None],
-    options: dict[str, Any],
+    attribute: str,
+    make: Callable[[Callable[..., Any]], Callable[..., Any]],
 ) -> None:
     if not _importable(module_name):
         return
     cls = getattr(importlib.import_module(module_name), class_name)
-    # Patch the class that defines __init__: contrib instrumentors replace the public name
-    # with a subclass, which calls this one.
-    original = cls.__dict__["__init__"]
+    # Patch the class that defines the method: contrib instrumentors replace the public
+    # name with a subclass, which calls this one.
+    original = cls.__dict__[attribute]
+    setattr(cls, attribute, functools.wraps(original)(make(original)))
+    _patched.append((cls, attribute, original))
 
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        try:
-            after_init(self, options)
-        except Exception:
-            internal_error(f"instrumenting {class_name}")
 
-    cls.__init__ = __init__
-    _patched.append((cls, "__init__", original))
+def _first_asgi(options: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def build_middleware_stack(self: Any) -> Any:
+            try:
+                _add_asgi_middleware(self, options)
+            except Exception:
+                internal_error("instrumenting a Starlette app")
+            return original(self)
+
+        return build_middleware_stack
+
+    return make
 
 
 def _add_asgi_middleware(app: Any, options: dict[str, Any]) -> None:
+    from starlette.middleware import Middleware
+
     from .asgi import LaminarASGIMiddleware
 
     if any(getattr(m, "cls", None) is LaminarASGIMiddleware for m in app.user_middleware):
         return
-    app.add_middleware(LaminarASGIMiddleware, **options)
+    app.user_middleware.insert(0, Middleware(LaminarASGIMiddleware, **options))
 
 
-def _wrap_wsgi_app(app: Any, options: dict[str, Any]) -> None:
+def _after_flask_init(
+    options: dict[str, Any],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    # Wrapped when built, so a wrapper the app adds later (ProxyFix) runs outside ours.
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            _instrument_flask(self, options)
+
+        return __init__
+
+    return make
+
+
+def _before_flask_call(
+    options: dict[str, Any],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    # An app built before instrument() is wrapped at its first request.
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __call__(self: Any, environ: Any, start_response: Any) -> Any:
+            if "laminar_middleware" not in getattr(self, "extensions", {"laminar_middleware": 0}):
+                _instrument_flask(self, options)
+            return original(self, environ, start_response)
+
+        return __call__
+
+    return make
+
+
+def _instrument_flask(app: Any, options: dict[str, Any]) -> None:
     # instrument_flask, not plain wrapping: the span is named by its route before the
     # handler runs, so the Laminar path that spans and calls inside it copy is complete.
     from .flask import instrument_flask
 
-    instrument_flask(app, **options)
+    try:
+        instrument_flask(app, **options)
+    except Exception:
+        internal_error("instrumenting a Flask app")

@@ -52,7 +52,13 @@ from ._guard import guard, internal_error
 from ._http import KNOWN_METHODS, exception_type
 from ._lmnr import active_bridge
 from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid, trusted_context
-from .config import PropagateToOption, PropagationTargets, is_signed_request
+from .config import (
+    PropagateToOption,
+    PropagationTargets,
+    checked_flag,
+    checked_provider,
+    is_signed_request,
+)
 from .context import (
     ASSOCIATION_PREFIX,
     SPAN_IDS_PATH,
@@ -62,6 +68,7 @@ from .context import (
     laminar_paths,
     name_server_span,
     span_context_of,
+    warn_if_no_provider,
 )
 from .propagator import global_propagator_without_laminar
 
@@ -250,13 +257,14 @@ class OutboundHook:
         propagate_to: PropagateToOption = None,
         client_spans: bool = True,
     ) -> None:
+        tracer_provider = checked_provider(tracer_provider)
         self._tracer = get_tracer(tracer_provider)
         self._fixed_provider = tracer_provider is not None
         # No path processor is added here (the middlewares add it for the spans an app
         # starts under theirs): a client span is a leaf, and its own path is set in begin.
         targets = PropagationTargets(propagate_to)
         self._targets: PropagationTargets | None = None if targets.everywhere else targets
-        self.client_spans = bool(client_spans)
+        self.client_spans = checked_flag("client_spans", client_spans, True)
         self.enabled = True
 
     def may_send(
@@ -353,6 +361,7 @@ class OutboundHook:
                 if bridge is not None:
                     tracer = get_tracer(bridge.tracer_provider())
             span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
+            warn_if_no_provider(span)
             call.span = span
             try:
                 target = self._name_client_span(

@@ -19,6 +19,7 @@ __all__ = [
     "guard",
     "internal_error",
     "log_bad_header",
+    "log_bad_setting",
     "log_policy_error",
     "logger",
     "preview",
@@ -74,6 +75,28 @@ def preview(value: object) -> str:
 
 def log_bad_header(reason: str, value: object) -> None:
     _bad_input.warning("ignored an invalid Laminar span context (%s): %s", reason, preview(value))
+
+
+_reported: set[tuple[str, str]] = set()
+_reported_lock = threading.Lock()
+
+
+def log_bad_setting(what: str, value: object, accepted: str, using: str) -> None:
+    """A bad option or environment variable: one ERROR line per process per distinct
+    mistake, however many components read it, then the caller uses its safe default."""
+    # Not a string: its repr, escaped and cut the same way, without the quotes ascii() adds.
+    shown = preview(value) if isinstance(value, str) else ascii(repr(value)[:PREVIEW_CHARS])[1:-1]
+    with _reported_lock:
+        if (what, shown) in _reported:
+            return
+        _reported.add((what, shown))
+    logger.error(
+        "laminar_middleware: bad setting %s=%s (accepted: %s); using %s",
+        what,
+        shown,
+        accepted,
+        using,
+    )
 
 
 def log_policy_error(message: str) -> None:

@@ -66,7 +66,14 @@ from .codec import (
     format_uuid,
     parse_with_reason,
 )
-from .config import ExcludedPaths, ExcludedPathsOption, TrustOption, TrustPolicy
+from .config import (
+    ExcludedPaths,
+    ExcludedPathsOption,
+    TrustOption,
+    TrustPolicy,
+    checked_header_names,
+    checked_provider,
+)
 from .context import (
     SERVER_SPAN_NAMER,
     SPAN_IDS_PATH,
@@ -75,6 +82,7 @@ from .context import (
     get_tracer,
     parent_attributes,
     remote_parent_context,
+    warn_if_no_provider,
 )
 from .processor import ensure_path_processor
 from .propagator import global_propagator_without_laminar
@@ -391,6 +399,7 @@ class InboundTracer:
         trust: TrustOption | TrustPolicy | None = None,
         header_names: Iterable[str] | None = None,
     ) -> None:
+        tracer_provider = checked_provider(tracer_provider)
         self._provider = tracer_provider
         self.tracer = get_tracer(tracer_provider)
         self._processor_ready = False
@@ -402,11 +411,7 @@ class InboundTracer:
         )
         self._excluded: ExcludedPaths | None = excluded if excluded else None
         self.trust = trust if isinstance(trust, TrustPolicy) else TrustPolicy(trust)
-        wanted = header_names or DEFAULT_HEADER_NAMES
-        names = tuple(dict.fromkeys(n.strip().lower() for n in wanted))
-        if not all(names):
-            raise ValueError("header_names must not contain an empty name")
-        self.header_names: tuple[str, ...] = names
+        self.header_names = checked_header_names(header_names, DEFAULT_HEADER_NAMES)
         # Precomputed per request shape: the method part of a span name and its attribute.
         self._methods: dict[str, tuple[str, dict[str, AttributeValue]]] = {
             m: (m, {HTTP_REQUEST_METHOD: m}) for m in KNOWN_METHODS
@@ -558,6 +563,7 @@ class InboundTracer:
             attributes=attributes,
             links=links,
         )
+        warn_if_no_provider(span)
         return ServerRequest(
             span,
             prefix,

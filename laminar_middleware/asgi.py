@@ -42,7 +42,13 @@ from opentelemetry.util.types import Attributes
 
 from ._guard import internal_error
 from ._server import InboundTracer, ServerRequest
-from .config import ExcludedPaths, ExcludedPathsOption, TrustOption, TrustPolicy
+from .config import (
+    ExcludedPaths,
+    ExcludedPathsOption,
+    TrustOption,
+    TrustPolicy,
+    tolerant_options,
+)
 
 __all__ = ["LaminarASGIMiddleware"]
 
@@ -84,6 +90,7 @@ class LaminarASGIMiddleware:
     `LAMINAR_TRUST`, else `"continue"`) and `header_names`.
     """
 
+    @tolerant_options
     def __init__(
         self,
         app: ASGIApp,

@@ -1,35 +1,49 @@
 """Options: the trust policy, propagation targets, excluded paths, and their environment variables.
 
 Everything here is compiled once, when a middleware or hook is built; the per-request calls
-are a dictionary lookup or a precompiled match.
+are a dictionary lookup or a precompiled match. Nothing here raises on a bad setting: a
+middleware is often built while the app serves its first request (Starlette builds its
+stack then), where a raise would turn every request into a 500. A bad setting is one
+ERROR line, then the safe default; security settings fail closed.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
-from ._guard import guard, log_policy_error, logger
+from ._guard import guard, log_bad_setting, log_policy_error
 
 __all__ = [
     "ENV_EXCLUDED_PATHS",
     "ENV_PROPAGATE_TO",
     "ENV_TRUST",
+    "INBOUND_OPTIONS",
+    "OUTBOUND_OPTIONS",
     "ExcludedPaths",
     "PropagationTargets",
     "Trust",
     "TrustOption",
     "TrustPolicy",
+    "checked_flag",
+    "checked_header_names",
+    "checked_provider",
     "env_trust",
     "is_signed_request",
+    "tolerant_options",
 ]
 
 ENV_PROPAGATE_TO: Final = "LAMINAR_PROPAGATE_TO"
 ENV_TRUST: Final = "LAMINAR_TRUST"
 ENV_EXCLUDED_PATHS: Final = "LAMINAR_EXCLUDED_PATHS"
+
+INBOUND_OPTIONS: Final = ("tracer_provider", "excluded_paths", "trust", "header_names")
+OUTBOUND_OPTIONS: Final = ("tracer_provider", "propagate_to", "client_spans")
 
 Trust = Literal["continue", "restart", "ignore"]
 TRUST_MODES: Final[frozenset[str]] = frozenset({"continue", "restart", "ignore"})
@@ -41,17 +55,21 @@ PropagateToOption: TypeAlias = (
 ExcludedPathsOption = Iterable[str | re.Pattern[str]] | str | None
 
 
-def env_trust(default: Trust = "continue") -> Trust:
-    """LAMINAR_TRUST, or the default (with one log line) when unset or not a mode."""
+_TRUST_ACCEPTED: Final = "'continue', 'restart', 'ignore' or a callable"
+_PROPAGATE_TO_ACCEPTED: Final = (
+    "hosts, '.suffix'es, 're:' patterns, compiled patterns, '*', or a callable on the URL"
+)
+
+
+def env_trust() -> Trust:
+    """LAMINAR_TRUST: `continue` when unset; a value that is not a mode fails closed."""
     raw = os.environ.get(ENV_TRUST, "").strip().lower()
     if not raw:
-        return default
+        return "continue"
     if raw in TRUST_MODES:
         return raw  # type: ignore[return-value]
-    logger.warning(
-        "%s=%r is not one of continue, restart, ignore; using %r", ENV_TRUST, raw, default
-    )
-    return default
+    log_bad_setting(ENV_TRUST, raw, "continue, restart or ignore", "'restart'")
+    return "restart"
 
 
 class TrustPolicy:
@@ -64,10 +82,12 @@ class TrustPolicy:
         self._fixed: Trust = "continue"
         if callable(option):
             self._callable = option
-        elif option in TRUST_MODES:
+        elif isinstance(option, str) and option in TRUST_MODES:
             self._fixed = option
         else:
-            raise ValueError(f"trust must be continue, restart, ignore or a callable: {option!r}")
+            # Fail closed: a caller is trusted only when the setting says so clearly.
+            log_bad_setting("trust", option, _TRUST_ACCEPTED, "'restart'")
+            self._fixed = "restart"
 
     @property
     def fixed(self) -> Trust | None:
@@ -102,40 +122,50 @@ class PropagationTargets:
         if isinstance(option, PropagationTargets):
             self.__dict__.update(option.__dict__)
             return
+        source = "propagate_to"
+        entries: list[object]
         if option is None:
-            option = os.environ.get(ENV_PROPAGATE_TO, "")
-            self._load(_split(option), source=ENV_PROPAGATE_TO)
-        elif callable(option) and not isinstance(option, re.Pattern):
+            source = ENV_PROPAGATE_TO
+            entries = list(_split(os.environ.get(ENV_PROPAGATE_TO, "")))
+        elif isinstance(option, str):
+            entries = list(_split(option))
+        elif isinstance(option, re.Pattern):
+            entries = [option]
+        elif callable(option):
             self._callable = option
+            return
         else:
-            if isinstance(option, str):
-                entries: list[PropagateToEntry] = list(_split(option))
-            elif isinstance(option, re.Pattern):
-                entries = [option]
-            else:
+            try:
                 entries = list(option)
-            self._load(entries, source="propagate_to")
-        if not (self._exact or self._suffixes or self._patterns or self._callable):
-            self._everywhere = True
+            except TypeError:
+                log_bad_setting(source, option, _PROPAGATE_TO_ACCEPTED, "no host gets the headers")
+                return
+        given = [e for e in entries if not (isinstance(e, str) and not e.strip())]
+        # Nothing given: every host, as in Laminar's SDKs. Entries given but none usable:
+        # no host (fail closed), each bad entry logged by _load.
+        self._everywhere = not given
+        self._load(given, source)
 
-    def _load(self, entries: Iterable[PropagateToEntry], source: str) -> None:
+    def _load(self, entries: Iterable[object], source: str) -> None:
         suffixes = []
         for entry in entries:
-            if isinstance(entry, re.Pattern):
+            if isinstance(entry, re.Pattern) and isinstance(entry.pattern, str):
                 # Hosts are case-insensitive, whatever flags the pattern was compiled with.
                 self._patterns.append(re.compile(entry.pattern, entry.flags | re.IGNORECASE))
                 continue
+            if not isinstance(entry, str):
+                log_bad_setting(f"{source} entry", entry, _PROPAGATE_TO_ACCEPTED, _SKIPPED)
+                continue
             raw = entry.strip()
             entry = raw.lower()
-            if not entry:
-                continue
             if entry == "*":
                 self._everywhere = True
             elif entry.startswith("re:"):
                 try:
                     self._patterns.append(re.compile(raw[3:], re.IGNORECASE))
                 except re.error as exc:
-                    logger.warning("%s: ignoring bad regular expression %r: %s", source, entry, exc)
+                    accepted = f"a regular expression that compiles ({exc})"
+                    log_bad_setting(f"{source} entry", raw, accepted, _SKIPPED)
             elif entry.startswith("."):
                 suffixes.append(entry)
             else:
@@ -163,28 +193,100 @@ class PropagationTargets:
         return any(pattern.fullmatch(host) for pattern in self._patterns)
 
 
+_SKIPPED: Final = "nothing for this entry (with no usable entry left, no host gets the headers)"
+
+
 class ExcludedPaths:
     """Paths that get no span: exact strings and compiled patterns (matched in full)."""
 
     def __init__(self, option: ExcludedPathsOption = None, *, from_env: bool = False) -> None:
         if option is None and from_env:
             option = os.environ.get(ENV_EXCLUDED_PATHS, "")
-        if isinstance(option, str):
-            option = _split(option)
-        elif isinstance(option, re.Pattern):
-            option = [option]
         self._exact: frozenset[str] = frozenset()
         self._patterns: tuple[re.Pattern[str], ...] = ()
-        if option:
-            entries = list(option)
-            self._exact = frozenset(e for e in entries if isinstance(e, str))
-            self._patterns = tuple(e for e in entries if isinstance(e, re.Pattern))
+        if option is None:
+            return
+        entries: list[object]
+        if isinstance(option, str):
+            entries = list(_split(option))
+        elif isinstance(option, re.Pattern):
+            entries = [option]
+        else:
+            try:
+                entries = list(option)
+            except TypeError:
+                log_bad_setting("excluded_paths", option, _EXCLUDED_ACCEPTED, "no excluded path")
+                return
+        for entry in entries:
+            if not isinstance(entry, (str, re.Pattern)):
+                log_bad_setting("excluded_paths entry", entry, _EXCLUDED_ACCEPTED, "skipped")
+        self._exact = frozenset(e for e in entries if isinstance(e, str))
+        self._patterns = tuple(e for e in entries if isinstance(e, re.Pattern))
 
     def __bool__(self) -> bool:
         return bool(self._exact or self._patterns)
 
     def matches(self, path: str) -> bool:
         return path in self._exact or any(p.fullmatch(path) for p in self._patterns)
+
+
+_EXCLUDED_ACCEPTED: Final = "exact paths and compiled patterns, or a comma-separated string"
+
+
+def checked_provider(value: object) -> Any:
+    """A tracer provider, or None (the global one) for anything that is not one."""
+    if value is None or callable(getattr(value, "get_tracer", None)):
+        return value
+    log_bad_setting("tracer_provider", value, "a TracerProvider or None", "the global provider")
+    return None
+
+
+def checked_flag(name: str, value: object, default: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    log_bad_setting(name, value, "True or False", repr(default))
+    return default
+
+
+def checked_header_names(value: object, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Lower-cased header names to read; the defaults when none usable is given."""
+    default = tuple(n.lower() for n in default)
+    if value is None:
+        return default
+    entries = [value] if isinstance(value, str) else value
+    accepted = "an iterable of non-empty header names"
+    try:
+        names = tuple(dict.fromkeys(n.strip().lower() for n in entries))  # type: ignore[attr-defined]
+    except (TypeError, AttributeError):
+        log_bad_setting("header_names", value, accepted, repr(default))
+        return default
+    usable = tuple(n for n in names if n and n.isascii())
+    if len(usable) != len(names):
+        log_bad_setting("header_names", value, accepted, repr(usable or default))
+    return usable or default
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def tolerant_options(func: F) -> F:
+    """An option nobody reads (a typo) is logged and dropped instead of raising TypeError.
+
+    Type checkers still see `func`'s own signature, so they flag the typo; at run time the
+    app starts and serves (Starlette builds a middleware at the first request, where a
+    TypeError would turn every request into a 500)."""
+    parameters = inspect.signature(func).parameters.values()
+    known = frozenset(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
+    owner = func.__qualname__.removesuffix(".__init__")
+
+    @functools.wraps(func)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for name in [k for k in kwargs if k not in known]:
+            accepted = ", ".join(sorted(known))
+            log_bad_setting(f"{owner}({name})", kwargs.pop(name), accepted, "nothing: ignored")
+        return func(*args, **kwargs)
+
+    return cast(F, call)
 
 
 def is_signed_request(authorization: str | None, query: str) -> bool:

@@ -18,6 +18,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context, create_key
 from opentelemetry.trace import (
+    Link,
     NonRecordingSpan,
     Span,
     SpanContext,
@@ -31,6 +32,7 @@ from opentelemetry.trace import (
 from opentelemetry.util.types import AttributeValue
 
 from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid, thaw
+from .config import tolerant_options
 
 __all__ = [
     "ASSOCIATION_PREFIX",
@@ -52,6 +54,7 @@ __all__ = [
     "serialize_span_context",
     "set_path_attributes",
     "span_context_of",
+    "warn_if_no_provider",
 ]
 
 # Laminar's span attributes (lmnr.opentelemetry_lib.tracing.attributes).
@@ -96,6 +99,30 @@ def get_tracer(tracer_provider: TracerProvider | None = None) -> Tracer:
             return tracer
         _tracers[key] = (ref, tracer)
     return tracer
+
+
+_warned_no_provider = False
+
+
+def warn_if_no_provider(span: Span) -> None:
+    """One WARNING per process when spans are dropped because no SDK provider is set.
+
+    Only a span that does not record is looked at, so a configured process pays nothing
+    past the first `is_recording()`."""
+    global _warned_no_provider
+    if _warned_no_provider or span.is_recording():
+        return
+    provider = trace.get_tracer_provider()
+    if type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+        _warned_no_provider = True
+        from ._guard import logger
+
+        logger.warning(
+            "laminar_middleware: no OpenTelemetry SDK tracer provider is set, so this "
+            "package's spans are dropped (the Laminar header is still read and sent, so the "
+            "trace stays connected downstream). Set one up: see 'Sending the spans' in the "
+            "laminar-middleware README"
+        )
 
 
 def _forget_tracer(key: int, ref: weakref.ref[TracerProvider]) -> None:
@@ -278,35 +305,49 @@ def deserialize_span_context(
     return LaminarSpanContext.parse(value)
 
 
+@tolerant_options
 @contextmanager
 def continue_trace(
     value: str | bytes | LaminarSpanContext | None,
     name: str,
     *,
     tracer_provider: TracerProvider | None = None,
-    **span_kwargs: Any,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, AttributeValue] | None = None,
+    links: Sequence[Link] | None = None,
+    start_time: int | None = None,
+    record_exception: bool = True,
+    set_status_on_exception: bool = True,
+    end_on_exit: bool = True,
 ) -> Iterator[Span]:
     """Start and activate a span that continues a serialized context (a queue message, a
-    stored workflow); a new trace when the value is missing or invalid. Yields the span."""
+    stored workflow); a new trace when the value is missing or invalid. Yields the span.
+
+    The keyword options are those of `Tracer.start_as_current_span`. A bad one (an unknown
+    name, a value of the wrong type) is logged once and left out: the span still starts."""
+    from ._guard import guard
+    from ._lmnr import active_bridge
+    from .config import checked_flag, checked_provider
+    from .processor import ensure_path_processor
+
+    span_kwargs = _span_options(kind, links, start_time)
+    record_exception = checked_flag("record_exception", record_exception, True)
+    set_status_on_exception = checked_flag("set_status_on_exception", set_status_on_exception, True)
+    end_on_exit = checked_flag("end_on_exit", end_on_exit, True)
+    tracer_provider = checked_provider(tracer_provider)
     remote = deserialize_span_context(value)
-    attributes: dict[str, AttributeValue] = dict(span_kwargs.pop("attributes", None) or {})
+    start_attributes: dict[str, AttributeValue] = _attributes_option(attributes)
     if remote is not None:
         parent = remote_parent_context(remote, Context())
-        attributes.update(parent_attributes(remote))
-        attributes.update(association_attributes(remote))
+        start_attributes.update(parent_attributes(remote))
+        start_attributes.update(association_attributes(remote))
         parent_path, parent_ids_path = remote.span_path, remote.span_ids_path
     else:
         parent = Context()
         parent_path, parent_ids_path = (), ()
-    from ._guard import guard
-    from ._lmnr import active_bridge
-    from .processor import ensure_path_processor
 
     # Fail open: a span processor or exporter that raises must not reach the worker's code
     # (nor replace an exception of its own), so OpenTelemetry is called through `guard`.
-    end_on_exit = span_kwargs.pop("end_on_exit", True)
-    record_exception = span_kwargs.pop("record_exception", True)
-    set_status_on_exception = span_kwargs.pop("set_status_on_exception", True)
     bridge = active_bridge()
     if tracer_provider is None and bridge is not None:
         tracer_provider = bridge.tracer_provider()
@@ -314,9 +355,9 @@ def continue_trace(
 
     def start() -> Span:
         span = get_tracer(tracer_provider).start_span(
-            name, parent, attributes=attributes, **span_kwargs
+            str(name), parent, attributes=start_attributes, **span_kwargs
         )
-        set_path_attributes(span, name, parent_path, parent_ids_path)
+        set_path_attributes(span, str(name), parent_path, parent_ids_path)
         return span
 
     invalid: Span = trace.INVALID_SPAN
@@ -346,6 +387,38 @@ def continue_trace(
             guard("continue_trace: detaching", None, otel_context.detach, token)
         if end_on_exit:
             guard("continue_trace: ending the span", None, span.end)
+
+
+def _span_options(kind: object, links: object, start_time: object) -> dict[str, Any]:
+    from ._guard import log_bad_setting
+
+    chosen: dict[str, Any] = {}
+    if isinstance(kind, SpanKind):
+        chosen["kind"] = kind
+    else:
+        log_bad_setting("continue_trace(kind)", kind, "a SpanKind", "SpanKind.INTERNAL")
+    if links is not None:
+        if isinstance(links, Sequence) and all(isinstance(link, Link) for link in links):
+            chosen["links"] = links
+        else:
+            log_bad_setting("continue_trace(links)", links, "a sequence of Links", "no links")
+    if start_time is not None:
+        if isinstance(start_time, int) and not isinstance(start_time, bool):
+            chosen["start_time"] = start_time
+        else:
+            log_bad_setting("continue_trace(start_time)", start_time, "nanoseconds", "now")
+    return chosen
+
+
+def _attributes_option(attributes: object) -> dict[str, AttributeValue]:
+    if attributes is None:
+        return {}
+    if isinstance(attributes, Mapping):
+        return dict(attributes)
+    from ._guard import log_bad_setting
+
+    log_bad_setting("continue_trace(attributes)", attributes, "a mapping", "no attributes")
+    return {}
 
 
 def inject(carrier: MutableMapping[str, str], span: Span | None = None) -> None:

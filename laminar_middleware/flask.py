@@ -23,13 +23,20 @@ __all__ = ["instrument_flask"]
 def instrument_flask(app: Any, **options: Any) -> LaminarWSGIMiddleware:
     """Wrap `app.wsgi_app` in `LaminarWSGIMiddleware(**options)` and connect Flask's
     signals for this app. Returns the middleware. Calling it twice wraps once."""
-    from flask import got_request_exception, request_started
+    from flask import Flask, got_request_exception, request_started
 
+    if not isinstance(app, Flask):
+        raise TypeError(f"expected a flask.Flask app, not {app!r}")
+    # Recorded in the app's extensions: a wrapper added over ours (ProxyFix) hides it.
+    done = app.extensions.get("laminar_middleware")
+    if isinstance(done, LaminarWSGIMiddleware):
+        return done
     current = app.wsgi_app
-    if isinstance(current, LaminarWSGIMiddleware):
-        return current
-    middleware = LaminarWSGIMiddleware(current, **options)
-    app.wsgi_app = middleware
+    middleware = current if isinstance(current, LaminarWSGIMiddleware) else None
+    if middleware is None:
+        middleware = LaminarWSGIMiddleware(current, **options)
+        app.wsgi_app = middleware  # type: ignore[method-assign]
+    app.extensions["laminar_middleware"] = middleware
     request_started.connect(_request_started, app, weak=False)
     got_request_exception.connect(_got_request_exception, app, weak=False)
     return middleware

@@ -21,7 +21,7 @@ from opentelemetry.trace import TracerProvider
 
 from ._client import EXTENSION_KEY, Call, OutboundHook, finish_or_end
 from ._guard import guard
-from .config import PropagateToOption
+from .config import PropagateToOption, tolerant_options
 
 __all__ = ["AsyncLaminarTransport", "LaminarTransport", "instrument_httpx", "uninstrument_httpx"]
 
@@ -119,6 +119,7 @@ class LaminarTransport(httpx.BaseTransport):
     on the inner transport.
     """
 
+    @tolerant_options
     def __init__(
         self,
         inner: httpx.BaseTransport,
@@ -182,6 +183,7 @@ class AsyncLaminarTransport(httpx.AsyncBaseTransport):
     """Wraps any async httpx transport:
     `httpx.AsyncClient(transport=AsyncLaminarTransport(inner))`."""
 
+    @tolerant_options
     def __init__(
         self,
         inner: httpx.AsyncBaseTransport,
@@ -313,6 +315,7 @@ def _instrument_new_client(client: httpx.Client | httpx.AsyncClient, state: _Glo
     state.clients.add(client)
 
 
+@tolerant_options
 def instrument_httpx(
     client: httpx.Client | httpx.AsyncClient | None = None,
     *,

@@ -46,7 +46,18 @@ class LaminarPropagator(TextMapPropagator):
     """
 
     def __init__(self, trust: TrustOption | None = None) -> None:
-        self._trust = TrustPolicy(trust)
+        self._trust_option = trust
+        self._trust: TrustPolicy | None = None
+
+    @property
+    def trust(self) -> TrustPolicy:
+        # Read at the first extract, not when built: `opentelemetry-instrument` builds the
+        # global propagators in its launcher process too, which would report a bad
+        # `LAMINAR_TRUST` a second time before the app's own process starts.
+        trust = self._trust
+        if trust is None:
+            trust = self._trust = TrustPolicy(self._trust_option)
+        return trust
 
     def extract(
         self,
@@ -59,7 +70,7 @@ class LaminarPropagator(TextMapPropagator):
         return guard("LaminarPropagator.extract", context, self._extract, carrier, context, getter)
 
     def _extract(self, carrier: Any, context: Context, getter: Getter[Any]) -> Context:
-        if self._trust.decide(carrier) != "continue":
+        if self.trust.decide(carrier) != "continue":
             # The policy covers whichever remote context was found: a W3C parent that a
             # propagator before this one extracted is dropped too (list `laminar` last).
             if trace.get_current_span(context).get_span_context().is_remote:

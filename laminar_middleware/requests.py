@@ -26,7 +26,7 @@ from requests.structures import CaseInsensitiveDict
 
 from ._client import Call, OutboundHook, finish_or_end
 from ._guard import guard
-from .config import PropagateToOption
+from .config import PropagateToOption, tolerant_options
 
 __all__ = ["instrument_requests", "uninstrument_requests"]
 
@@ -186,6 +186,7 @@ def _patched_send(original: Callable[..., requests.Response]) -> Callable[..., r
     return send
 
 
+@tolerant_options
 def instrument_requests(
     session: requests.Session | None = None,
     *,

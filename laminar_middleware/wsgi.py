@@ -19,7 +19,13 @@ from opentelemetry.trace import TracerProvider
 
 from ._guard import internal_error
 from ._server import InboundTracer, ServerRequest
-from .config import ExcludedPaths, ExcludedPathsOption, TrustOption, TrustPolicy
+from .config import (
+    ExcludedPaths,
+    ExcludedPathsOption,
+    TrustOption,
+    TrustPolicy,
+    tolerant_options,
+)
 
 __all__ = ["REQUEST_ENVIRON_KEY", "LaminarWSGIMiddleware"]
 
@@ -94,6 +100,7 @@ class LaminarWSGIMiddleware:
     `LAMINAR_TRUST`, else `"continue"`) and `header_names`.
     """
 
+    @tolerant_options
     def __init__(
         self,
         app: WSGIApp,

@@ -24,12 +24,13 @@ trace.set_tracer_provider(PROVIDER)
 
 @pytest.fixture(autouse=True)
 def fresh_log_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets the process's 10 log lines a minute afresh: tests that count log lines
-    must not depend on how many earlier tests used up."""
+    """Each test gets the process's 10 log lines a minute afresh, and its bad settings are
+    reported afresh: tests that count log lines must not depend on earlier tests."""
     from laminar_middleware import _guard
 
     monkeypatch.setattr(_guard, "_bad_input", _guard.RateLimitedLogger(_guard.logger))
     monkeypatch.setattr(_guard, "_internal", _guard.RateLimitedLogger(_guard.logger))
+    monkeypatch.setattr(_guard, "_reported", set())
 
 
 @pytest.fixture

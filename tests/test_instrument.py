@@ -118,6 +118,8 @@ def test_instrument_twice_adds_one_middleware(instrumented: None) -> None:
     api, star, web = build_apps()
     from laminar_middleware import LaminarASGIMiddleware, LaminarWSGIMiddleware
 
+    for app in (api, star, api, star):  # what Starlette does at the first request
+        app.build_middleware_stack()
     assert sum(m.cls is LaminarASGIMiddleware for m in api.user_middleware) == 1
     assert sum(m.cls is LaminarASGIMiddleware for m in star.user_middleware) == 1
     assert isinstance(web.wsgi_app, LaminarWSGIMiddleware)
@@ -137,3 +139,48 @@ def test_a_bad_environment_value_logs_once_and_uses_the_default(
             laminar_middleware.uninstrument()
     lines = [r for r in caplog.records if "LAMINAR_TRUST" in r.getMessage()]
     assert len(lines) == 1
+
+
+def test_apps_and_sessions_made_before_instrument_are_covered(
+    exporter: InMemorySpanExporter,
+) -> None:
+    api, star, web = build_apps()
+    session = requests.Session()
+    laminar_middleware.instrument()
+    try:
+        caller = remote()
+        header = {HEADER_NAME: caller.serialize()}
+        with run_uvicorn(api) as api_url, run_uvicorn(star) as star_url, run_wsgi(web) as web_url:
+            assert httpx.get(f"{api_url}/hello/x", headers=header).json() == {"hello": "x"}
+            assert httpx.get(f"{star_url}/plain", headers=header).text == "plain"
+            assert requests.get(f"{web_url}/echo", headers=header, timeout=10).ok
+            servers = wait_for_spans(exporter, lambda s: len(ours(s, trace.SpanKind.SERVER)) >= 3)
+            names = sorted(s.name for s in ours(servers, trace.SpanKind.SERVER))
+            assert names == ["GET /echo", "GET /hello/{name}", "GET /plain"]
+            for span in ours(servers, trace.SpanKind.SERVER):
+                assert span.parent is not None and span.parent.span_id == caller.span_id
+            with trace.get_tracer("test").start_as_current_span("caller"):
+                sent = session.get(f"{web_url}/echo", timeout=10).json()["header"]
+            assert LaminarSpanContext.parse(sent) is not None
+    finally:
+        laminar_middleware.uninstrument()
+        session.close()
+
+
+def test_a_second_instrument_with_other_options_warns_and_keeps_the_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="laminar_middleware"):
+        laminar_middleware.instrument(trust="restart")
+        try:
+            laminar_middleware.instrument(trust="restart")  # the same: nothing to say
+            assert not caplog.records
+            laminar_middleware.instrument(trust="continue")
+            api, _, _ = build_apps()
+            api.build_middleware_stack()
+        finally:
+            laminar_middleware.uninstrument()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "first call's options stay" in line
+    (middleware,) = api.user_middleware
+    assert middleware.kwargs["trust"] == "restart"

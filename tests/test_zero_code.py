@@ -257,10 +257,28 @@ def test_excluded_paths_from_the_environment(tmp_path: Path) -> None:
     ("variable", "value"),
     [("LAMINAR_TRUST", "sometimes"), ("LAMINAR_PROPAGATE_TO", "re:(unclosed")],
 )
-def test_bad_values_start_the_app_anyway(tmp_path: Path, variable: str, value: str) -> None:
+def test_bad_values_start_the_app_fail_closed_and_are_reported_once(
+    tmp_path: Path, variable: str, value: str
+) -> None:
     running = call_chain(
         tmp_path, OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=CONTRIB, **{variable: value}
     )
-    assert variable in running.stderr["a"]
-    # The default applied: still one connected trace.
-    assert_one_connected_trace(running)
+    for service in ("a", "b"):  # one line per process, however many components read it
+        lines = [line for line in running.stderr[service].splitlines() if variable in line]
+        assert len(lines) == 1, running.stderr[service]
+        assert "ERROR" in lines[0] or "bad setting" in lines[0]
+    a, b = running.spans["a"], running.spans["b"]
+    caller_trace = hex_id(CALLER.trace_id, 32)
+    (a_server,) = [s for s in by_kind(a, "SERVER") if s["name"] == "GET /a"]
+    (b_server,) = by_kind(b, "SERVER")
+    if variable == "LAMINAR_TRUST":
+        # A bad trust mode means restart: a new trace, linked to the caller's span.
+        assert caller_trace not in {s["context"]["trace_id"] for s in a + b}
+        assert [link["context"]["span_id"] for link in a_server["links"]] == [
+            hex_id(CALLER.span_id, 16)
+        ]
+    else:
+        # No usable entry left: no host gets the headers, so B starts a trace of its own.
+        assert a_server["context"]["trace_id"] == caller_trace
+        assert b_server["context"]["trace_id"] != caller_trace
+        assert b_server["parent_id"] is None
