@@ -1,0 +1,127 @@
+"""Runs one Python block of the README in this fresh interpreter, then uses what it built.
+
+Usage: `python readme_block.py BLOCK_FILE GIVEN`. GIVEN names what the block's prose
+assumes the reader already has (`app`: a FastAPI app; `queue`: a queue; `-`: nothing).
+After the block: an `app` it defines is served by a real server (uvicorn, or Werkzeug for a
+WSGI app) and called with a Laminar header; a `client` / `session` it defines calls an echo
+server inside a span. Prints one JSON object: the spans the SDK finished and what the calls
+saw.
+"""
+
+from __future__ import annotations
+
+import json
+import queue as queue_module
+import random
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from laminar_middleware import HEADER_NAME, LaminarSpanContext
+
+CALLER = LaminarSpanContext(random.getrandbits(128) | 1, random.getrandbits(64) | 1)
+EXPORTER = InMemorySpanExporter()
+
+
+def serve_wsgi(app: Any) -> tuple[str, Any]:
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}", server.shutdown
+
+
+def serve_asgi(app: Any) -> tuple[str, Any]:
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def echo_server() -> tuple[str, Any]:
+    def echo(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ.get("HTTP_X_LAMINAR_SPAN_CONTEXT", "").encode()]
+
+    return serve_wsgi(echo)
+
+
+def main() -> None:
+    block_file, given = sys.argv[1], sys.argv[2]
+    code = Path(block_file).read_text()
+    namespace: dict[str, Any] = {"__name__": "__readme__"}
+    if given == "app":
+        from fastapi import FastAPI
+
+        namespace["app"] = FastAPI()
+    if given == "queue":
+        namespace["queue"] = queue_module.Queue()
+    result: dict[str, Any] = {}
+    if given == "queue":  # the block's prose: "inside any span"
+        trace.set_tracer_provider(_provider())
+        with trace.get_tracer("readme").start_as_current_span("request handler") as span:
+            result["producer_trace_id"] = span.get_span_context().trace_id
+            exec(compile(code, "README block", "exec"), namespace)
+    else:
+        exec(compile(code, "README block", "exec"), namespace)
+        if type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider":
+            trace.set_tracer_provider(_provider())
+    app = namespace.get("app")
+    if app is not None:
+        is_wsgi = hasattr(app, "wsgi_app") and not hasattr(app, "router")
+        url, stop = serve_wsgi(app) if is_wsgi else serve_asgi(app)
+        import httpx
+
+        answer = httpx.get(f"{url}/", headers={HEADER_NAME: CALLER.serialize()}, timeout=10)
+        result["status"] = answer.status_code
+        time.sleep(0.2)  # the span ends once the server has closed the response
+        stop()
+    calls = {name: namespace[name] for name in ("client", "session") if name in namespace}
+    if calls:
+        url, stop = echo_server()
+        with trace.get_tracer("readme").start_as_current_span("caller"):
+            result["sent"] = {name: c.get(f"{url}/echo").text for name, c in calls.items()}
+        stop()
+    result["caller"] = [CALLER.trace_id, CALLER.span_id]
+    result["spans"] = [
+        {
+            "name": s.name,
+            "kind": s.kind.name,
+            "trace_id": s.context.trace_id,
+            "span_id": s.context.span_id,
+            "parent_id": s.parent.span_id if s.parent else None,
+            "links": [link.context.span_id for link in s.links],
+        }
+        for s in EXPORTER.get_finished_spans()
+    ]
+    print(json.dumps(result))
+
+
+def _provider() -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
+    return provider
+
+
+if __name__ == "__main__":
+    main()
