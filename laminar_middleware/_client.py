@@ -67,6 +67,7 @@ from .context import (
     get_tracer,
     laminar_paths,
     name_server_span,
+    request_provider,
     span_context_of,
     warn_if_no_provider,
 )
@@ -356,9 +357,13 @@ class OutboundHook:
                     attributes[SPAN_PATH] = (*paths[0], name)
             tracer = self._tracer
             if not self._fixed_provider:
-                # With Laminar's SDK initialized, client spans go where its spans go.
-                bridge = active_bridge()
-                if bridge is not None:
+                # Where the request's server span went, else (Laminar's SDK initialized)
+                # where its spans go: a client span's parent must be exported beside it.
+                provider = request_provider(ctx)
+                bridge = active_bridge() if provider is None else None
+                if provider is not None:
+                    tracer = get_tracer(provider)
+                elif bridge is not None:
                     tracer = get_tracer(bridge.tracer_provider())
             span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
             warn_if_no_provider(span)

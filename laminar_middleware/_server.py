@@ -75,6 +75,7 @@ from .config import (
     checked_provider,
 )
 from .context import (
+    REQUEST_PROVIDER,
     SERVER_SPAN_NAMER,
     SPAN_IDS_PATH,
     SPAN_PATH,
@@ -83,6 +84,7 @@ from .context import (
     parent_attributes,
     remote_parent_context,
     warn_if_no_provider,
+    warn_if_split_providers,
 )
 from .processor import ensure_path_processor
 from .propagator import global_propagator_without_laminar
@@ -159,6 +161,7 @@ class ServerRequest:
         "_parent_path",
         "_paths_set",
         "_prefix",
+        "_provider",
         "_remote",
         "_route",
         "span",
@@ -175,8 +178,10 @@ class ServerRequest:
         bridge: LaminarBridge | None = None,
         remote: LaminarSpanContext | None = None,
         owned: bool = True,
+        provider: TracerProvider | None = None,
     ) -> None:
         self.span = span
+        self._provider = provider
         # False: another layer (a contrib instrumentation) opened this SERVER span; we only
         # add Laminar's attributes to it and leave its name, status and end to that layer.
         self._owned = owned
@@ -258,13 +263,13 @@ class ServerRequest:
         bridge_token: object | None = None
         try:
             context = self._context
-            if context is None:
-                context = trace.set_span_in_context(self.span)
+            if context is None or (self._owned and SERVER_SPAN_NAMER not in context):
+                if context is None:
+                    context = trace.set_span_in_context(self.span)
                 if self._owned:
                     context = otel_context.set_value(SERVER_SPAN_NAMER, self._name_now, context)
-                self._context = context
-            elif self._owned and SERVER_SPAN_NAMER not in context:
-                context = otel_context.set_value(SERVER_SPAN_NAMER, self._name_now, context)
+                if self._provider is not None:
+                    context = otel_context.set_value(REQUEST_PROVIDER, self._provider, context)
                 self._context = context
             token = otel_context.attach(context)
             bridge = self._bridge
@@ -548,8 +553,10 @@ class InboundTracer:
         # Laminar's SDK, when initialized in this process, gets the span on its provider
         # (unless the user chose one) and as current span in its own context.
         bridge = active_bridge()
+        provider: TracerProvider | None = None
         if bridge is not None and self._provider is None:
             tracer = self._bridge_tracer(bridge)
+            provider = self._bridge_provider
         else:
             tracer = self.tracer
             if not self._processor_ready:
@@ -572,6 +579,7 @@ class InboundTracer:
             base,
             bridge,
             continued,
+            provider=provider,
         )
 
     def _enrich(
@@ -627,6 +635,7 @@ class InboundTracer:
             self._bridge_provider = provider
             try:
                 ensure_path_processor(provider)
+                warn_if_split_providers(provider)
             except Exception:
                 internal_error("adding the Laminar path processor")
         return get_tracer(provider)

@@ -49,6 +49,7 @@ from .config import (
     TrustPolicy,
     tolerant_options,
 )
+from .context import request_provider
 
 __all__ = ["LaminarASGIMiddleware"]
 
@@ -350,10 +351,27 @@ def _suppressed(kind: SpanKind, context: Context | None) -> bool:
 
 class _NoServerSpanTracer(Tracer):
     """Delegates to a real tracer, except that a SERVER span is a non-recording one (and so
-    is any span that would otherwise have no parent)."""
+    is any span that would otherwise have no parent).
 
-    def __init__(self, tracer: Tracer) -> None:
+    With `args` (FastAPI has no tracer provider of its own set), a span under one of our
+    server spans goes to that server span's provider when it is not the global one
+    (Laminar's SDK): otherwise `fastapi.endpoint` would be exported elsewhere than its
+    parent and its children, and the trace would break in Laminar."""
+
+    def __init__(self, tracer: Tracer, args: tuple[Any, ...] | None = None) -> None:
         self._tracer = tracer
+        self._args = args
+        self._by_provider: dict[int, tuple[TracerProvider, Tracer]] = {}
+
+    def _tracer_for(self, context: Context | None) -> Tracer:
+        provider = request_provider(context) if self._args is not None else None
+        if provider is None:
+            return self._tracer
+        cached = self._by_provider.get(id(provider))
+        if cached is None or cached[0] is not provider:
+            cached = (provider, provider.get_tracer(*(self._args or ())))
+            self._by_provider[id(provider)] = cached
+        return cached[1]
 
     def start_span(
         self,
@@ -368,7 +386,7 @@ class _NoServerSpanTracer(Tracer):
     ) -> Span:
         if _suppressed(kind, context):
             return INVALID_SPAN
-        return self._tracer.start_span(
+        return self._tracer_for(context).start_span(
             name,
             context,
             kind,
@@ -396,7 +414,7 @@ class _NoServerSpanTracer(Tracer):
             with trace.use_span(INVALID_SPAN, end_on_exit=False) as span:
                 yield span
             return
-        with self._tracer.start_as_current_span(
+        with self._tracer_for(context).start_as_current_span(
             name,
             context,
             kind,
@@ -423,12 +441,10 @@ class _NoServerSpanTracerProvider(TracerProvider):
         schema_url: str | None = None,
         attributes: Attributes = None,
     ) -> Tracer:
-        provider = self.inner if self.inner is not None else trace.get_tracer_provider()
-        return _NoServerSpanTracer(
-            provider.get_tracer(
-                instrumenting_module_name, instrumenting_library_version, schema_url, attributes
-            )
-        )
+        args = (instrumenting_module_name, instrumenting_library_version, schema_url, attributes)
+        if self.inner is not None:  # the app chose FastAPI's provider: its choice stands
+            return _NoServerSpanTracer(self.inner.get_tracer(*args))
+        return _NoServerSpanTracer(trace.get_tracer_provider().get_tracer(*args), args)
 
 
 def _is_fastapi(app: object) -> bool:

@@ -75,6 +75,10 @@ INSTRUMENTATION_NAME: Final = "laminar_middleware"
 # the path says `GET /items/{id}`, not `GET` (the route is only known after the span
 # started), and so a request nobody asks about sets its paths once, with the response.
 SERVER_SPAN_NAMER: Final = create_key("laminar_middleware.name-server-span")
+# The tracer provider of the request's server span, when it is not the global one (Laminar's
+# SDK has its own): the spans this package creates or controls under it go there too, so no
+# exported span names a parent that went to another provider.
+REQUEST_PROVIDER: Final = create_key("laminar_middleware.request-provider")
 
 # id(provider) -> (a weak reference to that provider, its tracer). The reference tells a
 # live provider from a collected one whose id was reused, and drops the entry with it.
@@ -101,7 +105,33 @@ def get_tracer(tracer_provider: TracerProvider | None = None) -> Tracer:
     return tracer
 
 
+def request_provider(context: Context | None = None) -> TracerProvider | None:
+    """The provider of the current request's server span, when it is not the global one."""
+    provider = otel_context.get_value(REQUEST_PROVIDER, context)
+    return provider if isinstance(provider, TracerProvider) else None
+
+
 _warned_no_provider = False
+_warned_split = False
+
+
+def warn_if_split_providers(provider: TracerProvider) -> None:
+    """One WARNING per process when Laminar's provider is not the global one."""
+    global _warned_split
+    if _warned_split or provider is trace.get_tracer_provider():
+        return
+    _warned_split = True
+    from ._guard import logger
+
+    logger.warning(
+        "laminar_middleware: Laminar's SDK has a tracer provider of its own, not the global "
+        "one: this package's spans, FastAPI's and the client spans of a request go to "
+        "Laminar's, but spans of other tracers (trace.get_tracer(...), other "
+        "instrumentations) go to the global provider, and in Laminar their children lose "
+        "their parent. To avoid it, let Laminar.initialize() set the global provider (call "
+        "it before any other set-up, without set_global_tracer_provider=False), or give "
+        "the other tracers Laminar's provider"
+    )
 
 
 def warn_if_no_provider(span: Span) -> None:
