@@ -1,11 +1,11 @@
 """The "floor" variants of the benchmarks: what the OpenTelemetry SDK alone charges for the
 span this package must record, with nothing of this package in the way.
 
-Each floor does the least any implementation of SPEC §3/§4 could do per request: one
-SDK span with the same name, kind and attributes as this package's span (the HTTP
-semantic-convention attributes and Laminar's four path attributes), made current while
+Each floor does the least any implementation of the inbound and outbound rules could do
+per request: one SDK span with the same name, kind and attributes as this package's span
+(the HTTP semantic-convention attributes and Laminar's four path attributes), made current while
 the app or the inner send runs, and ended. Outbound it also writes the Laminar header
-and the W3C headers, as the spec requires. It skips everything else this package does: the
+and the W3C headers, as the package promises. It skips everything else this package does: the
 inbound header is not parsed (the parent context is made once, up front), there is no trust
 policy, no exclusion list, no fail-open guards, no route naming for early readers, no
 streaming support, no de-duplication. So the floor is not a usable middleware: it is the

@@ -62,7 +62,7 @@ DEFAULT_OUT = HERE / "results.json"
 
 TRACE_ID = 0x390C39AF5D4149394728C63199E54586
 SPAN_ID = 0xC36E4F2938F27B97
-# The Python SDK's header for a root span `service_a` (SPEC §2): 279 bytes.
+# The Python SDK's header for a root span `service_a`: 279 bytes.
 REMOTE = LaminarSpanContext(TRACE_ID, SPAN_ID, ("service_a",), (format_uuid(SPAN_ID),))
 LAMINAR_HEADER = REMOTE.serialize()
 TRACEPARENT = f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01"
@@ -592,7 +592,7 @@ def table(results: dict[str, Any]) -> str:
             f"{v['floor']['overhead_us']:7.1f} {r['floor_ratio']:11.2f}"
         )
     lines += [
-        "floor: the SDK alone, the span and attributes the spec asks for and nothing else",
+        "floor: the SDK alone, the span and attributes we promise and nothing else",
         "(benchmarks/floor.py); floor ratio = floor / contrib, the lowest ratio reachable.",
         "",
         "Codec, median per call, microseconds",

@@ -8,7 +8,7 @@ span. The `ServerRequest` owns the SERVER span: its parent, name, attributes, st
 single end. Every method of it contains its own failures (see `_guard`), so the adapters can
 call them without protecting each call, and a request never fails because of us.
 
-Choosing the remote context (spec §3, §5, §9):
+Choosing the remote context (see docs/wire-format.md for what the header may carry):
 
 1. The Laminar header (any of the configured names, any case). Several lines with the same
    value count as one; different values are ambiguous and count as none. An empty value is

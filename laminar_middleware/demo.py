@@ -1,4 +1,4 @@
-"""`laminar-middleware demo`: the story of SPEC §1, run for real and printed as one trace.
+"""`laminar-middleware demo`: the README's first paragraph, run for real, printed as one trace.
 
 On 127.0.0.1, with ports the OS picks and no account or network:
 

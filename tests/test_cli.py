@@ -14,7 +14,7 @@ import pytest
 from laminar_middleware import HEADER_NAME, LaminarSpanContext
 from laminar_middleware.cli import main
 
-# SPEC §2: real headers written by the Python SDK and the TypeScript SDK.
+# Real headers written by the Python SDK and the TypeScript SDK.
 PYTHON_HEADER = (
     '{"trace_id":"390c39af-5d41-4939-4728-c63199e54586",'
     '"span_id":"00000000-0000-0000-c36e-4f2938f27b97","is_remote":false,'

@@ -1,4 +1,4 @@
-"""The codec on its own: the wire format of SPEC §2, the limits of §5 and §9."""
+"""The codec on its own: the wire format and its limits (docs/wire-format.md)."""
 
 from __future__ import annotations
 

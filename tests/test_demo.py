@@ -330,7 +330,7 @@ def test_check_finds_a_trace_in_fragments() -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
-    for name in ("a", "b", "c"):  # three unconnected server spans: the problem of SPEC §1
+    for name in ("a", "b", "c"):  # three unconnected server spans: the problem this package solves
         with tracer.start_as_current_span(name, kind=SpanKind.SERVER):
             pass
     problems = check(exporter.get_finished_spans())

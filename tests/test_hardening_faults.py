@@ -6,7 +6,7 @@ a Flask app). One server per protocol serves the bare app and the app behind the
 side by side (an `x-variant` header picks one), so the same requests go to both over the
 same sockets and their responses are compared: status, headers (except `date`) and body.
 
-The faults inside OpenTelemetry (SPEC §9): an exporter that raises (under a simple and under a
+The faults inside OpenTelemetry: an exporter that raises (under a simple and under a
 batch span processor), a span processor that raises in `on_start` or in `on_end`, a tracer
 provider that was shut down, a global propagator whose `extract` raises. Each uses a tracer
 provider of its own, passed as `tracer_provider=`. Then the faults of the connection and the

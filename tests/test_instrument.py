@@ -1,4 +1,4 @@
-"""`instrument()` / `uninstrument()` in code (SPEC §10): apps and clients built while
+"""`instrument()` / `uninstrument()` in code: apps and clients built while
 instrumented carry the middleware and hooks, over real servers; after `uninstrument()` new
 ones carry nothing."""
 

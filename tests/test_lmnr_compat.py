@@ -1,5 +1,5 @@
 """Wire compatibility with Laminar's real SDKs: lmnr from PyPI (in its own process) and the
-TypeScript SDK's headers in ../shared/fixtures."""
+TypeScript SDK's headers in tests/fixtures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from laminar_middleware import LaminarSpanContext
 
 WORKER = Path(__file__).parent / "support" / "lmnr_worker.py"
-# A copy of ../shared/fixtures/ts-sdk-headers.json (written by the real TypeScript SDK).
+# Headers written by the real TypeScript SDK.
 FIXTURES = Path(__file__).parent / "fixtures" / "ts-sdk-headers.json"
 
 

@@ -1,4 +1,4 @@
-"""Laminar SDK interop (SPEC §6, issue 6): with `lmnr` initialized, the middlewares' spans go
+"""Laminar SDK interop: with `lmnr` initialized, the middlewares' spans go
 through Laminar's pipeline and `@observe` spans nest under the request's server span; without
 it, plain OpenTelemetry spans do the same. Each mode runs in its own process
 (tests/support/lmnr_interop.py) because `lmnr` keeps process-wide state."""

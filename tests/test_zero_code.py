@@ -1,4 +1,4 @@
-"""Zero-code set-up (SPEC §10, issue 10): `opentelemetry-instrument` in front of two unmodified
+"""Zero-code set-up: `opentelemetry-instrument` in front of two unmodified
 services (tests/support/zero_code_apps.py) propagates the Laminar header through FastAPI,
 Flask, httpx and requests, beside the contrib instrumentors or FastAPI's own tracing, with
 exactly one SERVER span per request and one CLIENT span per call."""
