@@ -25,6 +25,7 @@ from .propagator import LaminarPropagator
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers
     from ._auto import instrument, uninstrument
     from .asgi import LaminarASGIMiddleware
+    from .fastapi import instrument_fastapi
     from .flask import instrument_flask
     from .httpx import (
         AsyncLaminarTransport,
@@ -50,6 +51,7 @@ __all__ = [
     "extract",
     "inject",
     "instrument",
+    "instrument_fastapi",
     "instrument_flask",
     "instrument_httpx",
     "instrument_requests",
@@ -66,6 +68,7 @@ _LAZY: dict[str, str] = {
     "instrument_httpx": ".httpx",
     "LaminarTransport": ".httpx",
     "AsyncLaminarTransport": ".httpx",
+    "instrument_fastapi": ".fastapi",
     "instrument_flask": ".flask",
     "uninstrument_httpx": ".httpx",
     "instrument_requests": ".requests",

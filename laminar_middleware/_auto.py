@@ -65,11 +65,10 @@ def instrument(**options: Any) -> None:
         _active_options = dict(options)
         inbound = _inbound_options(options)
         outbound = _outbound_options(options)
-        for module_name, class_name in (
-            ("starlette.applications", "Starlette"),
-            ("fastapi.applications", "FastAPI"),
-        ):
-            _patch(module_name, class_name, "build_middleware_stack", _first_asgi(inbound))
+        _patch(
+            "starlette.applications", "Starlette", "build_middleware_stack", _first(inbound, False)
+        )
+        _patch("fastapi.applications", "FastAPI", "build_middleware_stack", _first(inbound, True))
         _patch("flask.app", "Flask", "__init__", _after_flask_init(inbound))
         _patch("flask.app", "Flask", "__call__", _before_flask_call(inbound))
         for library, module in (("httpx", ".httpx"), ("requests", ".requests")):
@@ -144,13 +143,20 @@ def _patch(
     _patched.append((cls, attribute, original))
 
 
-def _first_asgi(options: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _first(
+    options: dict[str, Any], fastapi: bool
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def build_middleware_stack(self: Any) -> Any:
             try:
-                _add_asgi_middleware(self, options)
+                if fastapi:
+                    from .fastapi import instrument_fastapi
+
+                    instrument_fastapi(self, **options)
+                else:
+                    _add_asgi_middleware(self, options)
             except Exception:
-                internal_error("instrumenting a Starlette app")
+                internal_error("instrumenting a Starlette or FastAPI app")
             return original(self)
 
         return build_middleware_stack

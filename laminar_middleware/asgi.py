@@ -5,40 +5,19 @@ end the span after the last body chunk, and it never touches the messages themse
 Lifespan and unknown scope types pass through untouched; a WebSocket connection gets one
 span for its whole life.
 
-FastAPI's own tracing
----------------------
-FastAPI 0.14x and later open a SERVER span in `FastAPI.__call__`, outside every user
-middleware, parented by whatever the global OpenTelemetry propagator extracts. Left alone,
-that is a second SERVER span per request in another trace. This middleware's constructor
-runs while FastAPI builds its middleware stack, before the first request's span starts; it
-finds that FastAPI app (the `build_middleware_stack` frame that is constructing it, or the
-app it wraps directly) and gives the app's telemetry a tracer provider that hands out a
-non-recording span for SERVER spans and delegates everything else to the real provider
-(FastAPI's own `tracer_provider` setting when there is one, else the global provider).
-
-So FastAPI keeps its metrics, its logs and its operation spans (`fastapi.dependencies`,
-`fastapi.endpoint`, `fastapi.serialization`), which become children of this middleware's
-span, while the request's one SERVER span is this middleware's: in the caller's trace, with
-the Laminar attributes and the trust policy. It was chosen over turning FastAPI's tracing
-off (`telemetry["tracing"] = False`), which also silences those operation spans. FastAPI
-apps with `telemetry={"tracing": False}` are left as they are. Should FastAPI still open a
-recording request span (its stack built in some other way, or the global provider set after
-the first request), the first such request is seen here and the app is switched over for
-the requests after it.
+FastAPI's own request span is switched off for the FastAPI apps this middleware wraps, so
+there is one SERVER span per request: see `laminar_middleware.fastapi`, which also explains
+how the middleware finds the app when it is added with `app.add_middleware`.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any, Final
 
-from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Tracer, TracerProvider
-from opentelemetry.util.types import Attributes
+from opentelemetry.trace import TracerProvider
 
 from ._guard import internal_error
 from ._server import InboundTracer, ServerRequest
@@ -49,7 +28,6 @@ from .config import (
     TrustPolicy,
     tolerant_options,
 )
-from .context import request_provider
 
 __all__ = ["LaminarASGIMiddleware"]
 
@@ -61,7 +39,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = Sequence[tuple[bytes, bytes]]
 
 _MAX_MOUNT_DEPTH: Final = 8
-_MAX_CHAIN: Final = 32
+_MAX_CHAIN: Final = 32  # wrappers followed to find an app's routes
 
 
 class _HeadersGetter(Getter[Headers]):
@@ -102,9 +80,10 @@ class LaminarASGIMiddleware:
         header_names: Iterable[str] | None = None,
     ) -> None:
         self.app = app
-        fastapi_app = _fastapi_app_for(app)
-        if fastapi_app is not None:
-            own_provider = _take_over_fastapi_tracing(fastapi_app)
+        if "fastapi" in sys.modules:  # FastAPI's own request span: see laminar_middleware.fastapi
+            from .fastapi import take_over_the_app_being_built
+
+            own_provider = take_over_the_app_being_built(app)
             if tracer_provider is None:
                 tracer_provider = own_provider
         self._server = InboundTracer(
@@ -142,7 +121,9 @@ class LaminarASGIMiddleware:
             return None  # lifespan and anything unknown: untouched
         telemetry = scope.get("fastapi.telemetry")
         if telemetry is not None:
-            _fastapi_span_seen(scope, telemetry)
+            from .fastapi import request_span_seen
+
+            request_span_seen(scope, telemetry)
         server = self._server
         path: str = scope["path"]
         if server.excluded(path):
@@ -336,180 +317,3 @@ def _find_routes(app: object) -> list[Any] | None:
         if app is None:
             return None
     return None
-
-
-# -- FastAPI's own tracing ------------------------------------------------------------------
-
-
-def _suppressed(kind: SpanKind, context: Context | None) -> bool:
-    # FastAPI's request span, and FastAPI's operation spans outside of a request span of
-    # ours (an excluded path): they would be roots of traces of their own.
-    return (
-        kind is SpanKind.SERVER or not trace.get_current_span(context).get_span_context().is_valid
-    )
-
-
-class _NoServerSpanTracer(Tracer):
-    """Delegates to a real tracer, except that a SERVER span is a non-recording one (and so
-    is any span that would otherwise have no parent).
-
-    With `args` (FastAPI has no tracer provider of its own set), a span under one of our
-    server spans goes to that server span's provider when it is not the global one
-    (Laminar's SDK): otherwise `fastapi.endpoint` would be exported elsewhere than its
-    parent and its children, and the trace would break in Laminar."""
-
-    def __init__(self, tracer: Tracer, args: tuple[Any, ...] | None = None) -> None:
-        self._tracer = tracer
-        self._args = args
-        self._by_provider: dict[int, tuple[TracerProvider, Tracer]] = {}
-
-    def _tracer_for(self, context: Context | None) -> Tracer:
-        provider = request_provider(context) if self._args is not None else None
-        if provider is None:
-            return self._tracer
-        cached = self._by_provider.get(id(provider))
-        if cached is None or cached[0] is not provider:
-            cached = (provider, provider.get_tracer(*(self._args or ())))
-            self._by_provider[id(provider)] = cached
-        return cached[1]
-
-    def start_span(
-        self,
-        name: str,
-        context: Context | None = None,
-        kind: SpanKind = SpanKind.INTERNAL,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
-    ) -> Span:
-        if _suppressed(kind, context):
-            return INVALID_SPAN
-        return self._tracer_for(context).start_span(
-            name,
-            context,
-            kind,
-            attributes,
-            links,
-            start_time,
-            record_exception,
-            set_status_on_exception,
-        )
-
-    @contextmanager
-    def start_as_current_span(  # type: ignore[override]
-        self,
-        name: str,
-        context: Context | None = None,
-        kind: SpanKind = SpanKind.INTERNAL,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
-        end_on_exit: bool = True,
-    ) -> Iterator[Span]:
-        if _suppressed(kind, context):
-            with trace.use_span(INVALID_SPAN, end_on_exit=False) as span:
-                yield span
-            return
-        with self._tracer_for(context).start_as_current_span(
-            name,
-            context,
-            kind,
-            attributes,
-            links,
-            start_time,
-            record_exception,
-            set_status_on_exception,
-            end_on_exit,
-        ) as span:
-            yield span
-
-
-class _NoServerSpanTracerProvider(TracerProvider):
-    """FastAPI's tracer provider while this middleware owns the request's SERVER span."""
-
-    def __init__(self, inner: TracerProvider | None) -> None:
-        self.inner = inner
-
-    def get_tracer(
-        self,
-        instrumenting_module_name: str,
-        instrumenting_library_version: str | None = None,
-        schema_url: str | None = None,
-        attributes: Attributes = None,
-    ) -> Tracer:
-        args = (instrumenting_module_name, instrumenting_library_version, schema_url, attributes)
-        if self.inner is not None:  # the app chose FastAPI's provider: its choice stands
-            return _NoServerSpanTracer(self.inner.get_tracer(*args))
-        return _NoServerSpanTracer(trace.get_tracer_provider().get_tracer(*args), args)
-
-
-def _is_fastapi(app: object) -> bool:
-    fastapi = sys.modules.get("fastapi")
-    return (
-        fastapi is not None
-        and isinstance(app, getattr(fastapi, "FastAPI", ()))
-        and isinstance(getattr(app, "_telemetry", None), dict)
-    )
-
-
-def _fastapi_app_for(app: object) -> Any | None:
-    """The FastAPI app whose request span this middleware replaces, if any: the app it
-    wraps, or the one whose `build_middleware_stack` is constructing it."""
-    try:
-        if _is_fastapi(app):
-            return app
-        if "fastapi" not in sys.modules:
-            return None
-        frame = sys._getframe(1)
-        for _ in range(_MAX_CHAIN):
-            if frame is None:
-                break
-            if frame.f_code.co_name == "build_middleware_stack":
-                candidate = frame.f_locals.get("self")
-                if _is_fastapi(candidate):
-                    return candidate
-            frame = frame.f_back  # type: ignore[assignment]
-    except Exception:
-        internal_error("finding the FastAPI app")
-    return None
-
-
-def _take_over_fastapi_tracing(fastapi_app: Any) -> TracerProvider | None:
-    """Make FastAPI's request span non-recording for this app; returns FastAPI's own
-    `tracer_provider` setting (None: the global one)."""
-    try:
-        config: dict[str, Any] = fastapi_app._telemetry
-        inner = config.get("tracer_provider")
-        if isinstance(inner, _NoServerSpanTracerProvider):
-            return inner.inner
-        # Without a provider FastAPI does not trace at all: nothing to take over (and
-        # installing one would switch its telemetry on). If the global provider is set
-        # later, `_fastapi_span_seen` catches up.
-        if config.get("tracing", True) and (
-            inner is not None or not _unconfigured(trace.get_tracer_provider())
-        ):
-            config["tracer_provider"] = _NoServerSpanTracerProvider(inner)
-        return inner if isinstance(inner, TracerProvider) else None
-    except Exception:
-        internal_error("taking over FastAPI's request span")
-        return None
-
-
-def _unconfigured(provider: object) -> bool:
-    # The API's placeholder until a real provider is set.
-    return type(provider).__name__ == "ProxyTracerProvider"
-
-
-def _fastapi_span_seen(scope: Scope, telemetry: object) -> None:
-    """FastAPI opened a recording request span after all: switch the app over for the
-    requests that follow (this one keeps both spans)."""
-    span = getattr(telemetry, "span", None)
-    if span is None or not span.is_recording():
-        return
-    app = scope.get("app")
-    if _is_fastapi(app):
-        _take_over_fastapi_tracing(app)

@@ -302,9 +302,9 @@ def test_fastapi_span_found_late_is_enriched_then_taken_over(
     exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As if the middleware had been built outside FastAPI's build_middleware_stack.
-    import laminar_middleware.asgi as asgi_module
+    import laminar_middleware.fastapi as fastapi_module
 
-    monkeypatch.setattr(asgi_module, "_fastapi_app_for", lambda app: None)
+    monkeypatch.setattr(fastapi_module, "_app_being_built", lambda: None)
     app = FastAPI()
 
     @app.get("/late")
