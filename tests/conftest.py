@@ -3,16 +3,11 @@ servers (uvicorn, werkzeug) on 127.0.0.1 with ephemeral ports, started and stopp
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -43,121 +38,3 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 def provider() -> TracerProvider:
     return PROVIDER
-
-
-def wait_for_spans(
-    exporter: InMemorySpanExporter,
-    predicate: Callable[[list[ReadableSpan]], bool],
-    timeout: float = 5.0,
-) -> list[ReadableSpan]:
-    """Spans end on server threads after the client has its response: wait, bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        spans = list(exporter.get_finished_spans())
-        if predicate(spans) or time.monotonic() > deadline:
-            return spans
-        time.sleep(0.01)
-
-
-def _bound_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@contextmanager
-def run_uvicorn(app: Any, **config: Any) -> Iterator[str]:
-    """Serve an ASGI app with real uvicorn in a thread; yields its base URL."""
-    import uvicorn
-
-    sock = _bound_socket()
-    port = sock.getsockname()[1]
-    # uvicorn closes a connection idle for 5 s; a client starved of CPU for that long sends
-    # its next request as the server closes it and gets a ReadError (seen under load).
-    config.setdefault("timeout_keep_alive", 120)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan=config.pop("lifespan", "auto"), **config)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-class _InFlight:
-    """Counts the WSGI responses not closed yet. A server span ends when its response is
-    closed, which is after the client already has the bytes, and werkzeug's request threads
-    are daemons that `server_close()` does not join: without waiting here, the last span of a
-    test could land in the exporter after the next test has cleared it."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.open = 0
-        self.idle = threading.Condition()
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        with self.idle:
-            self.open += 1
-        try:
-            return _ClosingBody(self.app(environ, start_response), self._closed)
-        except BaseException:
-            self._closed()
-            raise
-
-    def _closed(self) -> None:
-        with self.idle:
-            self.open -= 1
-            self.idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> None:
-        with self.idle:
-            self.idle.wait_for(lambda: self.open == 0, timeout)
-
-
-class _ClosingBody:
-    """The app's response body, with a call once its `close()` has run (a class, not a
-    generator: a server may close a body it never iterated)."""
-
-    def __init__(self, body: Any, closed: Callable[[], None]) -> None:
-        self.body = body
-        self.closed = closed
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self.body)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.closed()
-
-
-@contextmanager
-def run_wsgi(app: Any) -> Iterator[str]:
-    """Serve a WSGI app with werkzeug's threaded server in a thread; yields its base URL.
-    On exit, waits (bounded) until every response has been closed."""
-    from werkzeug.serving import make_server
-
-    in_flight = _InFlight(app)
-    server = make_server("127.0.0.1", 0, in_flight, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-        in_flight.wait_idle(10)

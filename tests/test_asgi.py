@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import run_uvicorn, wait_for_spans
 from fastapi import APIRouter, FastAPI, HTTPException, WebSocket
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -26,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
+from support.servers import run_uvicorn, wait_for_spans
 from websockets.sync.client import connect as ws_connect
 
 from laminar_middleware import HEADER_NAME, LaminarASGIMiddleware, LaminarSpanContext

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 import requests
-from conftest import run_uvicorn, run_wsgi, wait_for_spans
 from fastapi import FastAPI
 from flask import Flask
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support.servers import run_uvicorn, run_wsgi, wait_for_spans
 
 import laminar_middleware
 from laminar_middleware import (

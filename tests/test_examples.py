@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import run_uvicorn, run_wsgi, wait_for_spans
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from support.servers import run_uvicorn, run_wsgi, wait_for_spans
 
 from laminar_middleware import HEADER_NAME, LaminarSpanContext
 

@@ -9,11 +9,11 @@ import re
 
 import httpx
 import pytest
-from conftest import run_uvicorn, wait_for_spans
 from fastapi import FastAPI
 from flask import Flask
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support.servers import run_uvicorn, wait_for_spans
 
 from laminar_middleware import (
     HEADER_NAME,

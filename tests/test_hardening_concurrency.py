@@ -24,7 +24,6 @@ import anyio.to_thread
 import httpx
 import pytest
 import requests
-from conftest import run_uvicorn, run_wsgi, wait_for_spans
 from flask import Flask, Response
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
@@ -36,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from support.servers import run_uvicorn, run_wsgi, wait_for_spans
 
 from laminar_middleware import (
     HEADER_NAME,

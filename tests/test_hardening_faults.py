@@ -32,7 +32,6 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import requests
-from conftest import run_uvicorn, run_wsgi, wait_for_spans
 from flask import Flask, request
 from opentelemetry import propagate
 from opentelemetry.context import Context
@@ -50,6 +49,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from support.servers import run_uvicorn, run_wsgi, wait_for_spans
 
 from laminar_middleware import (
     HEADER_NAME,

@@ -22,7 +22,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from test_inbound_hostile import (
+from support.raw_apps import (
     ALIAS,
     FLASK_WSGI,
     NAME,

@@ -13,9 +13,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import requests
-from conftest import run_uvicorn, run_wsgi
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from test_inbound_hostile import (
+from support.raw_apps import (
     FLASK_WSGI,
     NAME,
     STARLETTE,
@@ -25,6 +24,7 @@ from test_inbound_hostile import (
     ours,
     wsgi_environ,
 )
+from support.servers import run_uvicorn, run_wsgi
 
 from laminar_middleware import (
     HEADER_NAME,

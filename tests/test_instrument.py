@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import requests
-from conftest import run_uvicorn, run_wsgi, wait_for_spans
 from fastapi import FastAPI
 from flask import Flask
 from opentelemetry import trace
@@ -18,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from support.servers import run_uvicorn, run_wsgi, wait_for_spans
 
 import laminar_middleware
 from laminar_middleware import HEADER_NAME, LaminarSpanContext

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import run_uvicorn, run_wsgi, wait_for_spans
 from flask import Flask
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
@@ -26,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from support.servers import run_uvicorn, run_wsgi, wait_for_spans
 
 from laminar_middleware import (
     HEADER_NAME,

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from requests.adapters import HTTPAdapter
-from test_outbound_common import (
+from support.outbound import (
     SIGV4,
     TRACER,
     Exploding,

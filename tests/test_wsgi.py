@@ -13,12 +13,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import run_wsgi, wait_for_spans
 from flask import Blueprint, Flask, Response, abort, stream_with_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from support.servers import run_wsgi, wait_for_spans
 
 from laminar_middleware import HEADER_NAME, LaminarSpanContext, LaminarWSGIMiddleware
 from laminar_middleware.codec import format_uuid

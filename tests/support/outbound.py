@@ -1,5 +1,5 @@
-"""Outbound, shared by the httpx and requests tests: the echo server they call, helpers to
-read what it received, and tests of the shared layer (`_client.py`) on its own."""
+"""Outbound, shared by the httpx and requests tests: the echo server they call and helpers
+to read what it received."""
 
 from __future__ import annotations
 
@@ -11,17 +11,12 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs
 
-from conftest import run_uvicorn
 from opentelemetry import trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import SpanKind
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from laminar_middleware import HEADER_NAME, LaminarPropagator, LaminarSpanContext
-from laminar_middleware._client import _method_info, redact_url
-from laminar_middleware.propagator import _without_laminar
+from laminar_middleware import HEADER_NAME, LaminarSpanContext
+from support.servers import run_uvicorn
 
 TRACER = trace.get_tracer("tests.outbound")
 SIGV4 = (
@@ -154,38 +149,3 @@ class Exploding(SpanProcessor):
     def on_end(self, span: Any) -> None:
         if self.end:
             raise RuntimeError("on_end exploded")
-
-
-# --- the shared layer on its own ---------------------------------------------------------
-
-
-def test_redact_url_removes_credentials_and_signatures() -> None:
-    assert redact_url("http://user:pw@h:1/p?q=1") == "http://REDACTED:REDACTED@h:1/p?q=1"
-    assert redact_url("https://h/p?a=1&Signature=s3cr3t&sig=x#f") == (
-        "https://h/p?a=1&Signature=REDACTED&sig=REDACTED#f"
-    )
-    assert redact_url("http://h/p?X-Goog-Signature=abc") == "http://h/p?X-Goog-Signature=REDACTED"
-    # An @ in the path is not userinfo.
-    assert redact_url("http://h/users/@me") == "http://h/users/@me"
-
-
-def test_method_names_follow_the_conventions() -> None:
-    assert _method_info("GET") == ("GET", {"http.request.method": "GET"})
-    name, attributes = _method_info("get")
-    assert name == "GET" and attributes["http.request.method_original"] == "get"
-    name, attributes = _method_info("PURGE")
-    assert name == "HTTP" and attributes["http.request.method"] == "_OTHER"
-
-
-def test_global_propagator_without_laminar() -> None:
-    tracecontext = TraceContextTextMapPropagator()
-    assert _without_laminar(LaminarPropagator()) is None
-    assert _without_laminar(tracecontext) is tracecontext
-    plain = CompositePropagator([tracecontext, W3CBaggagePropagator()])
-    assert _without_laminar(plain) is plain
-    filtered = _without_laminar(CompositePropagator([tracecontext, LaminarPropagator()]))
-    assert isinstance(filtered, CompositePropagator)
-    carrier: dict[str, str] = {}
-    with TRACER.start_as_current_span("s"):
-        filtered.inject(carrier)
-    assert list(carrier) == ["traceparent"]
