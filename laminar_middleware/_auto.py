@@ -16,9 +16,9 @@ import functools
 import importlib
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
-from ._guard import guard, internal_error, log_bad_setting, logger
+from ._guard import contained, log_bad_setting, logger
 from .config import (
     INBOUND_OPTIONS,
     OUTBOUND_OPTIONS,
@@ -30,6 +30,9 @@ from .config import (
 __all__ = ["instrument", "is_instrumented", "uninstrument"]
 
 _lock = threading.Lock()
+# Inside the framework's own build or __init__: a failure of ours leaves the app as it is.
+_INSTRUMENTING_ASGI: Final = contained("instrumenting a Starlette or FastAPI app")
+_INSTRUMENTING_FLASK: Final = contained("instrumenting a Flask app")
 # (class, attribute name, original function) for everything patched, to undo it.
 _patched: list[tuple[type, str, Callable[..., Any]]] = []
 _clients_instrumented: list[str] = []
@@ -73,10 +76,9 @@ def instrument(**options: Any) -> None:
         _patch("flask.app", "Flask", "__call__", _before_flask_call(inbound))
         for library, module in (("httpx", ".httpx"), ("requests", ".requests")):
             if _importable(library):
-                hook = importlib.import_module(module, __package__)
-                if guard(
-                    f"instrument {library}", False, _call, hook, f"instrument_{library}", outbound
-                ):
+                with contained(f"instrument {library}"):
+                    hook = importlib.import_module(module, __package__)
+                    getattr(hook, f"instrument_{library}")(**outbound)
                     _clients_instrumented.append(module)
 
 
@@ -90,14 +92,10 @@ def uninstrument() -> None:
             setattr(cls, name, original)
         while _clients_instrumented:
             module = _clients_instrumented.pop()
-            hook = importlib.import_module(module, __package__)
             library = module.lstrip(".")
-            guard(f"uninstrument {library}", None, getattr(hook, f"uninstrument_{library}"))
-
-
-def _call(hook: Any, name: str, options: dict[str, Any]) -> bool:
-    getattr(hook, name)(**options)
-    return True
+            with contained(f"uninstrument {library}"):
+                hook = importlib.import_module(module, __package__)
+                getattr(hook, f"uninstrument_{library}")()
 
 
 def _inbound_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -148,15 +146,13 @@ def _first(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def build_middleware_stack(self: Any) -> Any:
-            try:
+            with _INSTRUMENTING_ASGI:
                 if fastapi:
                     from .fastapi import instrument_fastapi
 
                     instrument_fastapi(self, **options)
                 else:
                     _add_asgi_middleware(self, options)
-            except Exception:
-                internal_error("instrumenting a Starlette or FastAPI app")
             return original(self)
 
         return build_middleware_stack
@@ -208,7 +204,5 @@ def _instrument_flask(app: Any, options: dict[str, Any]) -> None:
     # handler runs, so the Laminar path that spans and calls inside it copy is complete.
     from .flask import instrument_flask
 
-    try:
+    with _INSTRUMENTING_FLASK:
         instrument_flask(app, **options)
-    except Exception:
-        internal_error("instrumenting a Flask app")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Container, Mapping, MutableMapping, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -45,10 +45,10 @@ from opentelemetry.semconv.attributes.http_attributes import (
 )
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.semconv.attributes.url_attributes import URL_FULL
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 from opentelemetry.util.types import AttributeValue
 
-from ._guard import guard, internal_error
+from ._guard import contained
 from ._http import KNOWN_METHODS, exception_type
 from ._lmnr import active_bridge
 from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid, trusted_context
@@ -66,14 +66,21 @@ from .context import (
     attributes_of,
     get_tracer,
     laminar_paths,
-    name_server_span,
     request_provider,
     span_context_of,
     warn_if_no_provider,
 )
 from .propagator import global_propagator_without_laminar
 
-__all__ = ["EXTENSION_KEY", "Call", "Headers", "OutboundHook", "finish_or_end", "redact_url"]
+__all__ = [
+    "EXTENSION_KEY",
+    "Call",
+    "Headers",
+    "OutboundHook",
+    "OutgoingRequest",
+    "finish_or_end",
+    "redact_url",
+]
 
 # What both clients' header containers give us: case-insensitive get/contains/set/delete.
 Headers = MutableMapping[str, str]
@@ -176,9 +183,37 @@ class _AddMissing(Setter[_Carrier]):
 _ADD_MISSING: Final = _AddMissing()
 
 
+class OutgoingRequest(NamedTuple):
+    """The facts of one outgoing request, as a client adapter read them from its library."""
+
+    key: object  # the request object: the same one through stacked wrappers
+    method: str
+    url: str
+    host: str | None
+    port: int | None
+    scheme: str
+    query: str
+    headers: Headers
+    # The lowercased names of the headers the request has (a set, or a case-insensitive
+    # mapping).
+    present: Container[str]
+    # Headers an earlier send of this request (or the hop it was redirected from) added.
+    previous: Mapping[str, str] | None
+
+
+# The entry points where a client library calls into a call's work: each step is contained
+# on its own, so a failure in one (recording an error) does not skip another (ending).
+_DETACHING: Final = contained("outbound context detach")
+_RESPONDING: Final = contained("outbound response")
+_RECORDING_ERROR: Final = contained("outbound error")
+_ENDING: Final = contained("outbound span end")
+_WRAPPING: Final = contained("outbound response wrapper")
+
+
 class Call:
     """One outgoing request in flight: its span (if any), the headers we added, the
-    context token. Every method is safe to call in any state and never raises."""
+    context token. Every method is safe to call in any state and contains its own
+    failures: these are the adapters' boundaries after the send."""
 
     __slots__ = ("_ended", "injected", "key", "span", "token")
 
@@ -193,20 +228,20 @@ class Call:
         """Leave the context `begin` attached; call right after the inner send returns."""
         token, self.token = self.token, None
         if token is not None:
-            guard("outbound context detach", None, otel_context.detach, token)
+            with _DETACHING:
+                otel_context.detach(token)  # type: ignore[arg-type]
 
     def respond(self, status_code: object) -> None:
         """The response's status line has arrived."""
         if self.span is not None and isinstance(status_code, int):
-            try:
+            with _RESPONDING:
                 _set_status_code(self.span, status_code)
-            except Exception:
-                internal_error("outbound response")
 
     def error(self, exc: BaseException) -> None:
         """The call (or reading its body) raised `exc`."""
         if self.span is not None:
-            guard("outbound error", None, _record_error, self.span, exc)
+            with _RECORDING_ERROR:
+                _record_error(self.span, exc)
 
     def end(self) -> None:
         """End the span (once): the response is closed, or there will be none."""
@@ -214,10 +249,8 @@ class Call:
             return
         self._ended = True
         if self.span is not None:
-            try:
+            with _ENDING:
                 self.span.end()
-            except Exception:
-                internal_error("outbound span end")
 
     def fail(self, exc: BaseException) -> None:
         """The inner send raised: detach, record, end. The caller re-raises `exc` itself."""
@@ -268,133 +301,122 @@ class OutboundHook:
         self.client_spans = checked_flag("client_spans", client_spans, True)
         self.enabled = True
 
-    def may_send(
-        self, url: str, host: str | None, query: str, headers: Headers, present: Container[str]
-    ) -> bool:
+    def may_send(self, request: OutgoingRequest) -> bool:
         """May this request carry our headers: an allowed host, and not a signed request."""
+        query = request.query
+        present = request.present
         if query or "authorization" in present:
-            authorization = headers.get("authorization") if "authorization" in present else None
+            authorization = (
+                request.headers.get("authorization") if "authorization" in present else None
+            )
             if is_signed_request(authorization, query):
                 return False
         targets = self._targets
-        return targets is None or targets.allows(url, host)
+        return targets is None or targets.allows(request.url, request.host)
 
-    def begin(
-        self,
-        key: object,
-        method: str,
-        url: str,
-        host: str | None,
-        port: int | None,
-        scheme: str,
-        query: str,
-        headers: Headers,
-        present: Container[str],
-        previous: Mapping[str, str] | None = None,
-    ) -> Call | None:
+    def begin(self, request: OutgoingRequest) -> Call | None:
         """Before the inner send: maybe start a span, add headers, attach a context.
-
-        `key` identifies the request object (the same object through stacked wrappers);
-        `present` holds the lowercased names of the headers the request has (a set, or a
-        case-insensitive mapping); `previous` are headers an earlier send of this request
-        (or the hop it was redirected from) added. Returns None when there is nothing to
-        finish afterwards.
-        Adapters call this through `guard`: if it raises, the request goes out as it is.
-        """
+        Returns None when there is nothing to finish afterwards."""
         ctx = otel_context.get_current()
         if ctx.get(_SUPPRESS_KEY) or ctx.get(_SUPPRESS_KEY_PLAIN):
             return None
         outer = cast("Call | None", ctx.get(_CALL_KEY))
         if outer is not None:
-            if outer.key is not key:
-                self._redirect_hop(outer, url, host, query, headers)
+            if outer.key is not request.key:
+                self._redirect_hop(outer, request)
             return None
-        if previous:
-            _strip(headers, previous)
-            present = {name.lower() for name in headers}
+        if request.previous:
+            _strip(request.headers, request.previous)
+            request = request._replace(present={name.lower() for name in request.headers})
         parent = trace.get_current_span(ctx)
         parent_span_context = parent.get_span_context()
         if not parent_span_context.is_valid:
             return None
-        name_server_span(ctx)
-
         foreign = _is_http_client_span(parent)
         if foreign or (_SUPPRESS_HTTP_KEY is not None and ctx.get(_SUPPRESS_HTTP_KEY)):
             # Another instrumentation owns this call's span (or HTTP instrumentation is
             # suppressed on purpose): no span of ours; name its span in the Laminar header.
-            if (
-                foreign
-                and not _has_laminar_header(present)
-                and self.may_send(url, host, query, headers, present)
-            ):
+            if foreign and not _has_laminar_header(request.present) and self.may_send(request):
                 value = span_context_of(parent)
                 if value is not None:
-                    headers[HEADER_NAME] = value.serialize()
+                    request.headers[HEADER_NAME] = value.serialize()
             return None
-
-        call = Call(key)
-        if self.client_spans:
-            name, method_attributes = _method_info(method)
-            attributes: dict[str, AttributeValue] = dict(method_attributes)
-            attributes[URL_FULL] = redact_url(url)
-            if host:
-                attributes[SERVER_ADDRESS] = host
-                port = port or _DEFAULT_PORTS.get(scheme)
-                if port:
-                    attributes[SERVER_PORT] = port
-            parent_attributes = attributes_of(parent)
-            paths: tuple[Sequence[str], Sequence[str]] | None = None
-            associated = False
-            if parent_attributes:
-                for attribute, value in parent_attributes.items():
-                    if attribute.startswith(ASSOCIATION_PREFIX):
-                        attributes[attribute] = value
-                        associated = True
-                paths = laminar_paths(parent, parent_attributes)
-                if paths is not None:
-                    # As a start attribute, so path processors have nothing left to do;
-                    # the ids path needs this span's id and is set once it has started.
-                    attributes[SPAN_PATH] = (*paths[0], name)
-            tracer = self._tracer
-            if not self._fixed_provider:
-                # Where the request's server span went, else (Laminar's SDK initialized)
-                # where its spans go: a client span's parent must be exported beside it.
-                provider = request_provider(ctx)
-                bridge = active_bridge() if provider is None else None
-                if provider is not None:
-                    tracer = get_tracer(provider)
-                elif bridge is not None:
-                    tracer = get_tracer(bridge.tracer_provider())
-            span = tracer.start_span(name, ctx, SpanKind.CLIENT, attributes)
-            warn_if_no_provider(span)
-            call.span = span
-            try:
-                target = self._name_client_span(
-                    span, parent, parent_span_context, parent_attributes, paths, associated
-                )
-                # One new context: our span current, contrib HTTP instrumentation inside
-                # suppressed, and the marker that makes stacked hooks of ours stand aside.
-                new_ctx = otel_context.Context(
-                    {**trace.set_span_in_context(span, ctx), **_INNER_VALUES, _CALL_KEY: call}
-                )
-                if self.may_send(url, host, query, headers, present):
-                    self._inject(call, headers, present, target, new_ctx)
-                call.token = otel_context.attach(new_ctx)
-            except BaseException:
-                call.end()
-                raise
+        call = Call(request.key)
+        if not self.client_spans:
+            if self.may_send(request):
+                self._inject(call, request, span_context_of(parent), ctx)
+            call.token = otel_context.attach(otel_context.set_value(_CALL_KEY, call, ctx))
             return call
-        if self.may_send(url, host, query, headers, present):
-            self._inject(call, headers, present, span_context_of(parent), ctx)
-        call.token = otel_context.attach(otel_context.set_value(_CALL_KEY, call, ctx))
+        span, target = self._start_span(request, ctx, parent, parent_span_context)
+        call.span = span
+        try:
+            # One new context: our span current, contrib HTTP instrumentation inside
+            # suppressed, and the marker that makes stacked hooks of ours stand aside.
+            new_ctx = otel_context.Context(
+                {**trace.set_span_in_context(span, ctx), **_INNER_VALUES, _CALL_KEY: call}
+            )
+            if self.may_send(request):
+                self._inject(call, request, target, new_ctx)
+            call.token = otel_context.attach(new_ctx)
+        except BaseException:
+            call.end()
+            raise
         return call
+
+    def _start_span(
+        self,
+        request: OutgoingRequest,
+        ctx: otel_context.Context,
+        parent: Span,
+        parent_span_context: trace.SpanContext,
+    ) -> tuple[Span, LaminarSpanContext | None]:
+        """The CLIENT span, child of `parent`, and the context the header will carry."""
+        name, method_attributes = _method_info(request.method)
+        attributes: dict[str, AttributeValue] = dict(method_attributes)
+        attributes[URL_FULL] = redact_url(request.url)
+        if request.host:
+            attributes[SERVER_ADDRESS] = request.host
+            port = request.port or _DEFAULT_PORTS.get(request.scheme)
+            if port:
+                attributes[SERVER_PORT] = port
+        parent_attributes = attributes_of(parent)
+        associated = False
+        for attribute, value in parent_attributes.items():
+            if attribute.startswith(ASSOCIATION_PREFIX):
+                attributes[attribute] = value
+                associated = True
+        paths = laminar_paths(parent, parent_attributes)
+        if paths is not None:
+            # As a start attribute, so path processors have nothing left to do; the ids
+            # path needs this span's id and is set once it has started.
+            attributes[SPAN_PATH] = (*paths[0], name)
+        span = self._tracer_for(ctx).start_span(name, ctx, SpanKind.CLIENT, attributes)
+        warn_if_no_provider(span)
+        try:
+            target = self._name_client_span(span, parent, parent_span_context, paths, associated)
+        except BaseException:
+            span.end()
+            raise
+        return span, target
+
+    def _tracer_for(self, ctx: otel_context.Context) -> Tracer:
+        if self._fixed_provider:
+            return self._tracer
+        # Where the request's server span went, else (Laminar's SDK initialized) where its
+        # spans go: a client span's parent must be exported beside it.
+        provider = request_provider(ctx)
+        if provider is not None:
+            return get_tracer(provider)
+        bridge = active_bridge()
+        if bridge is not None:
+            return get_tracer(bridge.tracer_provider())
+        return self._tracer
 
     @staticmethod
     def _name_client_span(
         span: Span,
         parent: Span,
         parent_span_context: trace.SpanContext,
-        parent_attributes: Mapping[str, Any],
         parent_paths: tuple[Sequence[str], Sequence[str]] | None,
         associated: bool,
     ) -> LaminarSpanContext | None:
@@ -426,11 +448,12 @@ class OutboundHook:
     @staticmethod
     def _inject(
         call: Call,
-        headers: Headers,
-        present: Container[str],
+        request: OutgoingRequest,
         target: LaminarSpanContext | None,
         ctx: otel_context.Context,
     ) -> None:
+        headers = request.headers
+        present = request.present
         added = call.injected
         if target is not None and not _has_laminar_header(present):
             value = target.serialize()
@@ -440,15 +463,14 @@ class OutboundHook:
         if w3c is not None:
             w3c.inject(_Carrier(headers, present, added), ctx, _ADD_MISSING)
 
-    def _redirect_hop(
-        self, outer: Call, url: str, host: str | None, query: str, headers: Headers
-    ) -> None:
+    def _redirect_hop(self, outer: Call, request: OutgoingRequest) -> None:
         """A new request sent from inside our call (requests following a redirect): keep
         the headers we added only if the new target may receive them."""
         added = outer.injected
         if not added:
             return
-        if self.may_send(url, host, query, headers, headers):
+        headers = request.headers
+        if self.may_send(request._replace(present=headers)):
             for name, value in added.items():
                 if name not in headers:
                     headers[name] = value
@@ -459,5 +481,9 @@ class OutboundHook:
 def finish_or_end(call: Call, wrap: Callable[[], bool]) -> None:
     """After the inner send returned: let `wrap` arrange for the span to end when the
     response is closed; when it cannot (or raises), end the span now."""
-    if call.span is None or not guard("outbound response wrapper", False, wrap):
+    wrapped = False
+    if call.span is not None:
+        with _WRAPPING:
+            wrapped = wrap()
+    if not wrapped:
         call.end()

@@ -1,9 +1,11 @@
 """Failure containment: the one place where this package swallows its own errors.
 
-Everything the package does on behalf of a request goes through `guard` (or, where a
-`with` block or an `await` is in the way, catches and calls `internal_error`), so a bug of
-ours, a strange scope or an exporter that raises becomes a rate-limited log line instead of
-a changed response.
+Every entry point from the outside world (a middleware called by the server, a wrapped
+`send` or `start_response`, a transport called by a client, a span processor called by the
+SDK, a propagator, a public helper) runs this package's work inside `with contained("what"):`,
+so a bug of ours, a strange scope or an exporter that raises becomes a rate-limited log line
+instead of a changed response. The code below an entry point does not guard itself: one
+boundary, no guard inside a guard.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Final, TypeVar
+from types import TracebackType
+from typing import Final
 
 __all__ = [
     "RateLimitedLogger",
-    "guard",
+    "contained",
     "internal_error",
     "log_bad_header",
     "log_bad_setting",
@@ -25,11 +27,12 @@ __all__ = [
     "preview",
 ]
 
-T = TypeVar("T")
-
 logger: Final = logging.getLogger("laminar_middleware")
 
 PREVIEW_CHARS: Final = 64
+
+
+ExcInfo = bool | tuple[type[BaseException], BaseException, TracebackType | None]
 
 
 class RateLimitedLogger:
@@ -43,7 +46,7 @@ class RateLimitedLogger:
         self._emitted = 0
         self._suppressed = 0
 
-    def warning(self, message: str, *args: object, exc_info: bool = False) -> None:
+    def warning(self, message: str, *args: object, exc_info: ExcInfo = False) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._window_start >= 60.0:
@@ -104,15 +107,31 @@ def log_policy_error(message: str) -> None:
     _internal.warning("laminar_middleware: %s", message)
 
 
-def internal_error(where: str) -> None:
-    """Log the exception being handled; call from an `except Exception` block."""
-    _internal.warning("laminar_middleware: internal error in %s, ignored", where, exc_info=True)
+def internal_error(where: str, exc_info: ExcInfo = True) -> None:
+    """Log an exception of ours (the one being handled, unless given), rate-limited."""
+    _internal.warning("laminar_middleware: internal error in %s, ignored", where, exc_info=exc_info)
 
 
-def guard(where: str, default: T, func: Callable[..., T], *args: object) -> T:
-    """`func(*args)`, or `default` (and a log line) when it raises."""
-    try:
-        return func(*args)
-    except Exception:
-        internal_error(where)
-        return default
+class contained:
+    """`with contained("what"):` - an `Exception` raised in the block is logged (rate-limited)
+    and swallowed; cancellation and exit (`BaseException`) pass. Stateless, so one instance
+    per place can be made once and entered again and again on the hot path."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if kind is None or value is None or not issubclass(kind, Exception):
+            return False
+        internal_error(self.what, (kind, value, traceback))
+        return True

@@ -19,8 +19,10 @@ from typing import Any, Final
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import TracerProvider
 
-from ._guard import internal_error
-from ._server import InboundTracer, ServerRequest
+from ._asgi_routes import RouteTemplates
+from ._guard import contained
+from ._server import InboundRequest, InboundTracer
+from ._server_request import ServerRequest, Tokens
 from .config import (
     ExcludedPaths,
     ExcludedPathsOption,
@@ -38,8 +40,13 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = Sequence[tuple[bytes, bytes]]
 
-_MAX_MOUNT_DEPTH: Final = 8
-_MAX_CHAIN: Final = 32  # wrappers followed to find an app's routes
+# The entry points where the server or the app calls into this middleware's work.
+_STARTING: Final = contained("LaminarASGIMiddleware: starting the server span")
+_SENDING: Final = contained("LaminarASGIMiddleware: reading a response message")
+_ATTACHING: Final = contained("LaminarASGIMiddleware: attaching the server span")
+_FAILING: Final = contained("LaminarASGIMiddleware: recording the app's exception")
+_DETACHING: Final = contained("LaminarASGIMiddleware: detaching the server span")
+_ENDING: Final = contained("LaminarASGIMiddleware: ending the server span")
 
 
 class _HeadersGetter(Getter[Headers]):
@@ -95,18 +102,15 @@ class LaminarASGIMiddleware:
         self._header_names: frozenset[bytes] = frozenset(
             n.encode("latin-1") for n in self._server.header_names
         )
-        self._routes: list[Any] | None = None
+        self._routes = RouteTemplates(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
+        request: ServerRequest | None = None
+        with _STARTING:
             request = self._start(scope)
-        except Exception:
-            internal_error("LaminarASGIMiddleware")
-            request = None
         if request is None:
             await self.app(scope, receive, send)
-            return
-        if scope["type"] == "http":
+        elif scope["type"] == "http":
             await self._http(request, scope, receive, send)
         else:
             await self._websocket(request, scope, receive, send)
@@ -142,178 +146,81 @@ class LaminarASGIMiddleware:
                 user_agent = value
         client = scope.get("client")
         server_address = scope.get("server")
-        return server.start(
-            method=method,
-            path=path,
-            scheme=scope.get("scheme") or ("http" if method is not None else "ws"),
-            laminar_values=values,
-            carrier=headers,
-            getter=_GETTER,
-            subject=scope,
-            host=None if host is None else host.decode("latin-1"),
-            server=(str(server_address[0]), server_address[1]) if server_address else None,
-            client=str(client[0]) if client else None,
-            user_agent=None if user_agent is None else user_agent.decode("latin-1"),
+        root_path = scope.get("root_path", "")
+        request = InboundRequest(
+            method,
+            path,
+            scope.get("scheme") or ("http" if method is not None else "ws"),
+            values,
+            headers,
+            _GETTER,
+            scope,
+            None if host is None else host.decode("latin-1"),
+            (str(server_address[0]), server_address[1]) if server_address else None,
+            str(client[0]) if client else None,
+            None if user_agent is None else user_agent.decode("latin-1"),
+            lambda: self._routes.of(scope, root_path),
         )
+        server_request = server.start(request)
+        return server_request
 
     async def _http(
         self, request: ServerRequest, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        root_path = scope.get("root_path", "")
         trailers = False
-        request.find_route_with(lambda: self._route_of(scope, root_path))
 
         async def send_wrapper(message: Message) -> None:
             nonlocal trailers
             last = False
-            try:
+            with _SENDING:
                 kind = message["type"]
                 if kind == "http.response.start":
-                    request.response_started(message["status"], self._route_of(scope, root_path))
                     trailers = bool(message.get("trailers", False))
+                    request.response_started(message["status"])
                 elif kind == "http.response.body":
                     last = not message.get("more_body", False) and not trailers
                 elif kind == "http.response.trailers":
                     last = not message.get("more_trailers", False)
                 elif kind == "http.response.pathsend":
                     last = True
-            except Exception:
-                internal_error("LaminarASGIMiddleware send")
             await send(message)
             if last:
-                request.end()
+                with _ENDING:
+                    request.end()
 
-        token = request.attach()
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except BaseException as exc:
-            self._name(request, scope, root_path)
-            request.fail(exc)
-            raise
-        else:
-            request.incomplete()
-        finally:
-            request.detach(token)
-            if not request.ended:
-                self._name(request, scope, root_path)
-                request.end()
+        await self._run(request, scope, receive, send_wrapper, http=True)
 
     async def _websocket(
         self, request: ServerRequest, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        root_path = scope.get("root_path", "")
-
         async def send_wrapper(message: Message) -> None:
-            try:
-                kind = message["type"]
-                if kind == "websocket.accept":
-                    request.set_route(self._route_of(scope, root_path))
-                elif kind == "websocket.http.response.start":
-                    request.response_started(message["status"], self._route_of(scope, root_path))
-            except Exception:
-                internal_error("LaminarASGIMiddleware send")
+            with _SENDING:
+                if message["type"] == "websocket.http.response.start":
+                    request.response_started(message["status"])
             await send(message)
 
-        token = request.attach()
+        await self._run(request, scope, receive, send_wrapper, http=False)
+
+    async def _run(
+        self, request: ServerRequest, scope: Scope, receive: Receive, send: Send, *, http: bool
+    ) -> None:
+        """The app, with the span current; the span ends with the last body chunk (HTTP) or
+        here, when the connection is over."""
+        tokens: Tokens = (None, None)
+        with _ATTACHING:
+            tokens = request.attach()
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, send)
         except BaseException as exc:
-            self._name(request, scope, root_path)
-            request.fail(exc)
+            with _FAILING:
+                request.fail(exc)
             raise
+        else:
+            if http:
+                with _FAILING:
+                    request.incomplete()
         finally:
-            request.detach(token)
-            self._name(request, scope, root_path)
-            request.end()
-
-    def _name(self, request: ServerRequest, scope: Scope, root_path: str) -> None:
-        request.set_route(self._route_of(scope, root_path))
-
-    # -- the route template -------------------------------------------------------------
-
-    def _route_of(self, scope: Scope, root_path: str) -> str | None:
-        """The matched route's template, as the framework left it in the scope; never raises."""
-        try:
-            return self._route_template(scope, root_path)
-        except Exception:
-            internal_error("LaminarASGIMiddleware route")
-            return None
-
-    def _route_template(self, scope: Scope, root_path: str) -> str | None:
-        # FastAPI's request telemetry has the full template (router prefixes and mounts).
-        telemetry = scope.get("fastapi.telemetry")
-        if telemetry is not None:
-            route_name = getattr(telemetry, "route", None)
-            if isinstance(route_name, str) and route_name:
-                return route_name
-        route = scope.get("route")
-        if route is None:
-            return None
-        template: Any = None
-        fastapi_scope = scope.get("fastapi")
-        if isinstance(fastapi_scope, dict):
-            # FastAPI's included routers: the route's own path lacks the routers' prefixes.
-            effective = fastapi_scope.get("effective_route_context")
-            if effective is not None and getattr(effective, "original_route", None) is route:
-                template = getattr(effective, "path_format", None)
-        if not template:
-            template = getattr(route, "path_format", None) or getattr(route, "path", None)
-        if not isinstance(template, str) or not template:
-            return None
-        if scope.get("root_path", "") != root_path:
-            # Inside a Mount: the route's template is relative to it.
-            prefix = self._mount_prefix(scope, root_path)
-            if prefix is not None:
-                if _is_mount(route):
-                    return prefix + "/{path}"
-                return prefix + template
-        return template
-
-    def _mount_prefix(self, scope: Scope, root_path: str) -> str | None:
-        """The templates of the Mounts the request went through, found by matching again."""
-        routes = self._routes
-        if routes is None:
-            routes = self._routes = _find_routes(self.app)
-        if not routes:
-            return None
-        probe: dict[str, Any] = {
-            "type": scope["type"],
-            "path": scope["path"],
-            "root_path": root_path,
-            "path_params": {},
-            "method": scope.get("method", "GET"),
-            "headers": scope.get("headers") or [],
-        }
-        prefix = ""
-        current: Any = routes
-        for _ in range(_MAX_MOUNT_DEPTH):
-            if not current:
-                break
-            for candidate in current:
-                match, child = candidate.matches(probe)
-                if getattr(match, "name", None) == "FULL":
-                    break
-            else:
-                break
-            if not _is_mount(candidate):
-                break
-            prefix += candidate.path
-            probe.update(child)
-            current = candidate.routes
-        return prefix or None
-
-
-def _is_mount(route: object) -> bool:
-    return any(cls.__name__ == "Mount" for cls in type(route).__mro__)
-
-
-def _find_routes(app: object) -> list[Any] | None:
-    """The route list of the first router inside this middleware."""
-    for _ in range(_MAX_CHAIN):
-        routes = getattr(app, "routes", None)
-        if isinstance(routes, list):
-            return routes
-        app = getattr(app, "app", None)
-        if app is None:
-            return None
-    return None
+            with _DETACHING:
+                request.detach(tokens)
+            with _ENDING:
+                request.end()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
-from ._guard import guard, log_bad_setting, log_policy_error
+from ._guard import contained, log_bad_setting, log_policy_error
 
 __all__ = [
     "ENV_EXCLUDED_PATHS",
@@ -55,6 +55,9 @@ PropagateToOption: TypeAlias = (
 ExcludedPathsOption = Iterable[str | re.Pattern[str]] | str | None
 
 
+# A user's callable that raises is contained where it is called: it fails closed.
+_TRUST_CALLABLE: Final = contained("trust policy")
+_PROPAGATE_TO_CALLABLE: Final = contained("propagate_to callable")
 _TRUST_ACCEPTED: Final = "'continue', 'restart', 'ignore' or a callable"
 _PROPAGATE_TO_ACCEPTED: Final = (
     "hosts, '.suffix'es, 're:' patterns, compiled patterns, '*', or a callable on the URL"
@@ -99,7 +102,9 @@ class TrustPolicy:
             return self._fixed
         # A policy that raises or answers nonsense fails safe: the caller is not trusted,
         # but the trace keeps a link to it.
-        answer = guard("trust policy", "restart", self._callable, request)
+        answer: object = "restart"
+        with _TRUST_CALLABLE:
+            answer = self._callable(request)
         if answer in TRUST_MODES:
             return answer  # type: ignore[return-value]
         log_policy_error(f"trust policy returned {answer!r}; treating the request as 'restart'")
@@ -182,7 +187,10 @@ class PropagationTargets:
         if self._everywhere:
             return True
         if self._callable is not None:
-            return bool(guard("propagate_to callable", False, self._callable, url))
+            allowed = False
+            with _PROPAGATE_TO_CALLABLE:
+                allowed = bool(self._callable(url))
+            return allowed
         if host is None:
             host = urlsplit(url).hostname or ""
         host = host.lower().rstrip(".")

@@ -12,7 +12,7 @@ import json
 import weakref
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -48,7 +48,6 @@ __all__ = [
     "get_tracer",
     "inject",
     "laminar_paths",
-    "name_server_span",
     "parent_attributes",
     "remote_parent_context",
     "serialize_span_context",
@@ -69,16 +68,46 @@ TRACE_TYPE: Final = ASSOCIATION_PREFIX + "trace_type"
 METADATA_PREFIX: Final = ASSOCIATION_PREFIX + "metadata."
 
 INSTRUMENTATION_NAME: Final = "laminar_middleware"
-# The inbound middlewares put a callable here while a request runs: it names the request's
-# SERVER span by its route, if the framework has matched it by then, and sets the span's
-# Laminar paths. Called before a child's Laminar path is copied from the server span's, so
-# the path says `GET /items/{id}`, not `GET` (the route is only known after the span
-# started), and so a request nobody asks about sets its paths once, with the response.
-SERVER_SPAN_NAMER: Final = create_key("laminar_middleware.name-server-span")
-# The tracer provider of the request's server span, when it is not the global one (Laminar's
-# SDK has its own): the spans this package creates or controls under it go there too, so no
-# exported span names a parent that went to another provider.
-REQUEST_PROVIDER: Final = create_key("laminar_middleware.request-provider")
+# The inbound middlewares put the request's `ServerRequest` here while it runs: the spans
+# this package creates or controls under it go to its tracer provider (Laminar's SDK has its
+# own), so no exported span names a parent that went to another provider.
+SERVER_REQUEST: Final = create_key("laminar_middleware.server-request")
+
+
+class PathOwner(Protocol):
+    """A live SERVER span of this package's middlewares: the one answer to "its Laminar paths
+    now". Its name becomes `GET /route` only once the framework has matched the route, after
+    the span started, and children, outbound headers and serialized contexts read the path
+    before that; so they ask the owner, which names the span by route if it can, instead of
+    reading attributes that are written once, with the response."""
+
+    @property
+    def span(self) -> Span: ...
+
+    @property
+    def provider(self) -> TracerProvider | None: ...
+
+    def laminar_paths(self) -> tuple[tuple[str, ...], tuple[str, ...]]: ...
+
+
+# span id -> the owner of that live server span, from its start to its end. Found by span
+# rather than through the context, so a span handed to another thread in a context of its
+# own (`trace.set_span_in_context(span)`) still answers.
+_owners: dict[int, PathOwner] = {}
+# Past this many open requests something never ended its spans: start again (the cost is
+# only early answers; every span still writes its own paths when it ends).
+_MAX_OWNERS: Final = 100_000
+
+
+def register_owner(span_id: int, owner: PathOwner) -> None:
+    if len(_owners) >= _MAX_OWNERS:
+        _owners.clear()
+    _owners[span_id] = owner
+
+
+def forget_owner(span_id: int) -> None:
+    _owners.pop(span_id, None)
+
 
 # id(provider) -> (a weak reference to that provider, its tracer). The reference tells a
 # live provider from a collected one whose id was reused, and drops the entry with it.
@@ -107,8 +136,8 @@ def get_tracer(tracer_provider: TracerProvider | None = None) -> Tracer:
 
 def request_provider(context: Context | None = None) -> TracerProvider | None:
     """The provider of the current request's server span, when it is not the global one."""
-    provider = otel_context.get_value(REQUEST_PROVIDER, context)
-    return provider if isinstance(provider, TracerProvider) else None
+    owner: Any = otel_context.get_value(SERVER_REQUEST, context)
+    return None if owner is None else owner.provider
 
 
 _warned_no_provider = False
@@ -228,24 +257,16 @@ def laminar_paths(
 ) -> tuple[Sequence[str], Sequence[str]] | None:
     """A span's Laminar path and ids path (`attributes` are its attributes), or None.
 
-    A SERVER span of this package's middlewares sets its paths when first asked through
-    SERVER_SPAN_NAMER, or with the response; a reader that comes before (a span started
-    with an explicit parent context) gets here the values they will have: the caller's
-    paths plus this span's name and id.
+    A live server span of this package's middlewares answers through its owner (see
+    `PathOwner`); any other span has them in its attributes.
     """
+    owner = _owners.get(span.get_span_context().span_id)
+    if owner is not None and owner.span is span:
+        return owner.laminar_paths()
     path = attributes.get(SPAN_PATH)
-    if path is not None:
-        return path, attributes.get(SPAN_IDS_PATH, ())
-    scope = getattr(span, "instrumentation_scope", None)
-    if getattr(scope, "name", None) != INSTRUMENTATION_NAME:
+    if path is None:
         return None
-    if getattr(span, "kind", None) is not SpanKind.SERVER:
-        return None
-    span_id = format_uuid(span.get_span_context().span_id)
-    return (
-        (*attributes.get(PARENT_SPAN_PATH, ()), getattr(span, "name", "")),
-        (*attributes.get(PARENT_SPAN_IDS_PATH, ()), span_id),
-    )
+    return path, attributes.get(SPAN_IDS_PATH, ())
 
 
 def attributes_of(span: Span) -> Mapping[str, Any]:
@@ -310,18 +331,8 @@ def _no_constants(name: str) -> Any:
     raise ValueError(name)
 
 
-def name_server_span(context: Context | None = None) -> None:
-    """Let the inbound middleware name its SERVER span by route now, if it can (see
-    SERVER_SPAN_NAMER). Never raises: the namer guards itself."""
-    namer = otel_context.get_value(SERVER_SPAN_NAMER, context)
-    if callable(namer):
-        namer()
-
-
 def serialize_span_context(span: Span | None = None) -> str | None:
     """The header value for a span (the current one when None); None without a valid span."""
-    if span is None:
-        name_server_span()
     context = span_context_of(span)
     return None if context is None else context.serialize()
 
@@ -355,7 +366,7 @@ def continue_trace(
 
     The keyword options are those of `Tracer.start_as_current_span`. A bad one (an unknown
     name, a value of the wrong type) is logged once and left out: the span still starts."""
-    from ._guard import guard
+    from ._guard import contained
     from ._lmnr import active_bridge
     from .config import checked_flag, checked_provider
     from .processor import ensure_path_processor
@@ -377,46 +388,46 @@ def continue_trace(
         parent_path, parent_ids_path = (), ()
 
     # Fail open: a span processor or exporter that raises must not reach the worker's code
-    # (nor replace an exception of its own), so OpenTelemetry is called through `guard`.
+    # (nor replace an exception of its own). Each step is contained on its own, so the
+    # span still ends when attaching it failed.
     bridge = active_bridge()
     if tracer_provider is None and bridge is not None:
         tracer_provider = bridge.tracer_provider()
-    guard("adding the Laminar path processor", None, ensure_path_processor, tracer_provider)
-
-    def start() -> Span:
+    with contained("adding the Laminar path processor"):
+        ensure_path_processor(tracer_provider)
+    span: Span = trace.INVALID_SPAN
+    with contained("continue_trace: starting the span"):
         span = get_tracer(tracer_provider).start_span(
             str(name), parent, attributes=start_attributes, **span_kwargs
         )
         set_path_attributes(span, str(name), parent_path, parent_ids_path)
-        return span
-
-    invalid: Span = trace.INVALID_SPAN
-    span = guard("continue_trace: starting the span", invalid, start)
-    token = guard(
-        "continue_trace: attaching", None, otel_context.attach, trace.set_span_in_context(span)
-    )
-    bridge_token = (
-        guard("continue_trace: attaching to Laminar", None, bridge.attach, span, remote)
-        if bridge is not None and span is not trace.INVALID_SPAN
-        else None
-    )
+    token: object = None
+    bridge_token: object = None
+    with contained("continue_trace: attaching"):
+        token = otel_context.attach(trace.set_span_in_context(span))
+        if bridge is not None and span is not trace.INVALID_SPAN:
+            bridge_token = bridge.attach(span, remote)
     try:
         yield span
     except BaseException as exc:
         if isinstance(exc, Exception):
             if record_exception:
-                guard("continue_trace: recording", None, span.record_exception, exc)
+                with contained("continue_trace: recording the exception"):
+                    span.record_exception(exc)
             if set_status_on_exception:
-                status = Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
-                guard("continue_trace: status", None, span.set_status, status)
+                with contained("continue_trace: status"):
+                    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         raise
     finally:
         if bridge_token is not None and bridge is not None:
-            guard("continue_trace: detaching from Laminar", None, bridge.detach, bridge_token)
+            with contained("continue_trace: detaching from Laminar"):
+                bridge.detach(bridge_token)  # type: ignore[arg-type]
         if token is not None:
-            guard("continue_trace: detaching", None, otel_context.detach, token)
+            with contained("continue_trace: detaching"):
+                otel_context.detach(token)  # type: ignore[arg-type]
         if end_on_exit:
-            guard("continue_trace: ending the span", None, span.end)
+            with contained("continue_trace: ending the span"):
+                span.end()
 
 
 def _span_options(kind: object, links: object, start_time: object) -> dict[str, Any]:

@@ -35,12 +35,13 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Tracer, TracerProvider
 from opentelemetry.util.types import Attributes
 
-from ._guard import internal_error, logger
+from ._guard import contained, logger
 from .context import request_provider
 
 __all__ = ["instrument_fastapi"]
 
 _MAX_FRAMES: Final = 32
+_TAKING_OVER: Final = contained("taking over FastAPI's request span")
 
 
 def instrument_fastapi(app: Any, **options: Any) -> None:
@@ -70,12 +71,10 @@ def take_over_the_app_being_built(app: object) -> TracerProvider | None:
     """For a middleware being built: take over the FastAPI app it wraps, or the one whose
     `build_middleware_stack` is building it. Returns FastAPI's own `tracer_provider` setting
     (None: none, or no FastAPI app)."""
-    try:
+    with _TAKING_OVER:
         found = app if _is_fastapi(app) else _app_being_built()
         return take_over(found) if found is not None else None
-    except Exception:
-        internal_error("finding the FastAPI app")
-        return None
+    return None
 
 
 def _app_being_built() -> Any | None:
@@ -94,22 +93,20 @@ def _app_being_built() -> Any | None:
 def take_over(app: Any) -> TracerProvider | None:
     """Make FastAPI's request span non-recording for this app; returns FastAPI's own
     `tracer_provider` setting (None: the global one)."""
-    try:
-        config: dict[str, Any] = app._telemetry
-        inner = config.get("tracer_provider")
-        if isinstance(inner, _NoServerSpanTracerProvider):
-            return inner.inner
-        # Without a provider FastAPI does not trace at all: nothing to take over (and
-        # installing one would switch its telemetry on). If the global provider is set
-        # later, `request_span_seen` catches up.
-        if config.get("tracing", True) and (
-            inner is not None or not _unconfigured(trace.get_tracer_provider())
-        ):
-            config["tracer_provider"] = _NoServerSpanTracerProvider(inner)
-        return inner if isinstance(inner, TracerProvider) else None
-    except Exception:
-        internal_error("taking over FastAPI's request span")
-        return None
+    config: Any = getattr(app, "_telemetry", None)
+    if not isinstance(config, dict):
+        return None  # another FastAPI: the middleware enriches FastAPI's span instead
+    inner = config.get("tracer_provider")
+    if isinstance(inner, _NoServerSpanTracerProvider):
+        return inner.inner
+    # Without a provider FastAPI does not trace at all: nothing to take over (and
+    # installing one would switch its telemetry on). If the global provider is set
+    # later, `request_span_seen` catches up.
+    if config.get("tracing", True) and (
+        inner is not None or not _unconfigured(trace.get_tracer_provider())
+    ):
+        config["tracer_provider"] = _NoServerSpanTracerProvider(inner)
+    return inner if isinstance(inner, TracerProvider) else None
 
 
 def request_span_seen(scope: MutableMapping[str, Any], telemetry: object) -> None:

@@ -11,10 +11,10 @@ by the route. `instrument_flask(app)` does that wrapping and also
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
-from ._guard import internal_error
-from ._server import ServerRequest
+from ._guard import contained
+from ._server_request import ServerRequest
 from .wsgi import REQUEST_ENVIRON_KEY, LaminarWSGIMiddleware, _route_of
 
 __all__ = ["instrument_flask"]
@@ -50,20 +50,22 @@ def _current() -> ServerRequest | None:
 
 
 def _request_started(sender: Any, **extra: Any) -> None:
-    try:
+    # Flask has routed: name the span now, so the view's own spans see `GET /route`.
+    with _ROUTED:
         current = _current()
         if current is not None:
             from flask import request
 
             current.set_route(_route_of(request.environ))
-    except Exception:
-        internal_error("Flask request_started")
 
 
 def _got_request_exception(sender: Any, exception: BaseException, **extra: Any) -> None:
-    try:
+    # Flask turned the exception into a 500 itself: record it, since it never reaches us.
+    with _FAILED:
         current = _current()
         if current is not None:
             current.fail(exception)
-    except Exception:
-        internal_error("Flask got_request_exception")
+
+
+_ROUTED: Final = contained("Flask request_started")
+_FAILED: Final = contained("Flask got_request_exception")

@@ -14,40 +14,48 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import httpx
 from opentelemetry.trace import TracerProvider
 
-from ._client import EXTENSION_KEY, Call, OutboundHook, finish_or_end
-from ._guard import guard
+from ._client import EXTENSION_KEY, Call, OutboundHook, OutgoingRequest, finish_or_end
+from ._guard import contained
 from .config import PropagateToOption, tolerant_options
 
 __all__ = ["AsyncLaminarTransport", "LaminarTransport", "instrument_httpx", "uninstrument_httpx"]
 
 
 def _begin(hook: OutboundHook, request: httpx.Request) -> Call | None:
-    url = request.url
-    query = url.query
-    extensions = request.extensions
-    headers = request.headers
-    call = hook.begin(
-        request,
-        request.method,
-        str(url),
-        url.host,
-        url.port,
-        url.scheme,
-        query.decode("ascii", "replace") if query else "",
-        headers,
-        headers.keys(),  # lowercased, in one pass: Headers.__contains__ is a scan per call
-        extensions.get(EXTENSION_KEY),
-    )
-    if call is not None and call.injected:
-        # Request copies its extensions; redirect requests copy them again, so the next
-        # hop can tell the headers we added from the caller's.
-        extensions[EXTENSION_KEY] = call.injected
-    return call
+    """The boundary before the send: if anything of ours fails, the request goes as it is."""
+    with _BEGINNING:
+        url = request.url
+        query = url.query
+        extensions = request.extensions
+        headers = request.headers
+        call = hook.begin(
+            OutgoingRequest(
+                request,
+                request.method,
+                str(url),
+                url.host,
+                url.port,
+                url.scheme,
+                query.decode("ascii", "replace") if query else "",
+                headers,
+                headers.keys(),  # lowercased in one pass: Headers.__contains__ scans per call
+                extensions.get(EXTENSION_KEY),
+            )
+        )
+        if call is not None and call.injected:
+            # Request copies its extensions; redirect requests copy them again, so the next
+            # hop can tell the headers we added from the caller's.
+            extensions[EXTENSION_KEY] = call.injected
+        return call
+    return None
+
+
+_BEGINNING: Final = contained("httpx request")
 
 
 class _TracedStream(httpx.SyncByteStream):
@@ -148,7 +156,7 @@ class LaminarTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         hook = self._hook
-        call = guard("httpx request", None, _begin, hook, request) if hook.enabled else None
+        call = _begin(hook, request) if hook.enabled else None
         if call is None:
             return self._inner.handle_request(request)
         try:
@@ -214,7 +222,7 @@ class AsyncLaminarTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         hook = self._hook
-        call = guard("httpx request", None, _begin, hook, request) if hook.enabled else None
+        call = _begin(hook, request) if hook.enabled else None
         if call is None:
             return await self._inner.handle_async_request(request)
         try:
@@ -293,6 +301,7 @@ class _Global:
 
 
 _global: _Global | None = None
+_INSTRUMENTING_NEW_CLIENT: Final = contained("instrument_httpx (new client)")
 _lock = threading.Lock()
 # class -> (our __init__, the one it wraps). Checked by identity: a wrapper someone put
 # over ours (functools.wraps copies attributes) must not be mistaken for ours.
@@ -305,7 +314,8 @@ def _patched_init(original: Callable[..., None]) -> Callable[..., None]:
         original(self, *args, **kwargs)
         state = _global
         if state is not None and state.hook.enabled:
-            guard("instrument_httpx (new client)", None, _instrument_new_client, self, state)
+            with _INSTRUMENTING_NEW_CLIENT:
+                _instrument_new_client(self, state)
 
     return __init__
 

@@ -15,7 +15,7 @@ same attributes.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 from opentelemetry.trace import TracerProvider
 
-from ._guard import internal_error
+from ._guard import contained
 from .codec import format_uuid
 from .context import (
     ASSOCIATION_PREFIX,
@@ -34,10 +34,11 @@ from .context import (
     SPAN_PATH,
     attributes_of,
     laminar_paths,
-    name_server_span,
 )
 
 __all__ = ["LaminarPathSpanProcessor", "ensure_path_processor"]
+
+_ON_START: Final = contained("LaminarPathSpanProcessor.on_start")
 
 
 class LaminarPathSpanProcessor(SpanProcessor):
@@ -45,15 +46,13 @@ class LaminarPathSpanProcessor(SpanProcessor):
     whose parent has a Laminar path (or that start with `lmnr.span.parent_path`)."""
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        # Spans this package opens set their own paths (a server span when they are first
-        # needed, see context.laminar_paths): nothing to do, and the cheapest check first.
-        try:
+        # Spans this package opens set their own paths (a server span with its response,
+        # see context.PathOwner): nothing to do, and the cheapest check first.
+        with _ON_START:
             scope = span.instrumentation_scope
             if scope is not None and scope.name == INSTRUMENTATION_NAME:
                 return
             self._on_start(span, parent_context)
-        except Exception:
-            internal_error("LaminarPathSpanProcessor.on_start")
 
     def _on_start(self, span: Span, parent_context: Context | None) -> None:
         own: Any = span.attributes or {}
@@ -64,10 +63,9 @@ class LaminarPathSpanProcessor(SpanProcessor):
             parent_ids = own.get(PARENT_SPAN_IDS_PATH, ())
             inherited: Any = {}
         else:
-            name_server_span(parent_context)
             parent = trace.get_current_span(parent_context)
             inherited = attributes_of(parent)
-            paths = laminar_paths(parent, inherited) if inherited else None
+            paths = laminar_paths(parent, inherited)
             if paths is None:
                 return
             parent_path, parent_ids = paths

@@ -12,7 +12,7 @@ its own import.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -26,15 +26,17 @@ from opentelemetry.propagators.textmap import (
     default_setter,
 )
 
-from ._guard import guard, log_bad_header
+from ._guard import contained, log_bad_header
 from .codec import HEADER_NAME, HEADER_NAME_ALIAS, HEADER_NAMES_LOWER, parse_with_reason
 from .config import TrustOption, TrustPolicy
-from .context import name_server_span, remote_parent_context, span_context_of
+from .context import remote_parent_context, span_context_of
 
 __all__ = ["LaminarPropagator", "global_propagator_without_laminar"]
 
 # Getters differ: some match names exactly (plain dicts), some case-insensitively.
 _NAMES = (HEADER_NAME, HEADER_NAME.lower(), HEADER_NAME_ALIAS)
+_EXTRACTING: Final = contained("LaminarPropagator.extract")
+_INJECTING: Final = contained("LaminarPropagator.inject")
 
 
 class LaminarPropagator(TextMapPropagator):
@@ -67,7 +69,9 @@ class LaminarPropagator(TextMapPropagator):
     ) -> Context:
         if context is None:
             context = Context()
-        return guard("LaminarPropagator.extract", context, self._extract, carrier, context, getter)
+        with _EXTRACTING:
+            return self._extract(carrier, context, getter)
+        return context
 
     def _extract(self, carrier: Any, context: Context, getter: Getter[Any]) -> Context:
         if self.trust.decide(carrier) != "continue":
@@ -97,7 +101,8 @@ class LaminarPropagator(TextMapPropagator):
         context: Context | None = None,
         setter: Setter[CarrierT] = default_setter,
     ) -> None:
-        guard("LaminarPropagator.inject", None, self._inject, carrier, context, setter)
+        with _INJECTING:
+            self._inject(carrier, context, setter)
 
     def _inject(self, carrier: Any, context: Context | None, setter: Setter[Any]) -> None:
         # A header the caller set (either name, any case) is kept, never doubled.
@@ -105,8 +110,6 @@ class LaminarPropagator(TextMapPropagator):
             isinstance(key, str) and key.lower() in HEADER_NAMES_LOWER for key in carrier
         ):
             return
-        # A server span of ours gets its route name first, as for the client hooks.
-        name_server_span(context)
         remote = span_context_of(trace.get_current_span(context))
         if remote is not None:
             setter.set(carrier, HEADER_NAME, remote.serialize())

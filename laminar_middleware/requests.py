@@ -17,15 +17,15 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import requests
 from opentelemetry.trace import TracerProvider
 from requests.structures import CaseInsensitiveDict
 
-from ._client import Call, OutboundHook, finish_or_end
-from ._guard import guard
+from ._client import Call, OutboundHook, OutgoingRequest, finish_or_end
+from ._guard import contained
 from .config import PropagateToOption, tolerant_options
 
 __all__ = ["instrument_requests", "uninstrument_requests"]
@@ -46,28 +46,36 @@ def _split(url: str) -> tuple[str | None, int | None, str, str]:
 
 
 def _begin(hook: OutboundHook, request: requests.PreparedRequest) -> Call | None:
-    url = request.url or ""
-    host, port, scheme, query = _split(url)
-    headers = request.headers
-    if headers is None:
-        request.headers = headers = CaseInsensitiveDict()
-    call = hook.begin(
-        request,
-        request.method or "GET",
-        url,
-        host,
-        port,
-        scheme,
-        query,
-        headers,
-        # Lowercased, in one pass: each lookup in a CaseInsensitiveDict lowercases again.
-        {name.lower() for name in headers},
-        request.__dict__.get(_INJECTED_ATTRIBUTE),
-    )
-    if call is not None and call.injected:
-        # A PreparedRequest sent again (a manual retry) must not keep our stale headers.
-        setattr(request, _INJECTED_ATTRIBUTE, call.injected)
-    return call
+    """The boundary before the send: if anything of ours fails, the request goes as it is."""
+    with _BEGINNING:
+        url = request.url or ""
+        host, port, scheme, query = _split(url)
+        headers = request.headers
+        if headers is None:
+            request.headers = headers = CaseInsensitiveDict()
+        call = hook.begin(
+            OutgoingRequest(
+                request,
+                request.method or "GET",
+                url,
+                host,
+                port,
+                scheme,
+                query,
+                headers,
+                # Lowercased in one pass: each CaseInsensitiveDict lookup lowercases again.
+                {name.lower() for name in headers},
+                request.__dict__.get(_INJECTED_ATTRIBUTE),
+            )
+        )
+        if call is not None and call.injected:
+            # A PreparedRequest sent again (a manual retry) must not keep our stale headers.
+            setattr(request, _INJECTED_ATTRIBUTE, call.injected)
+        return call
+    return None
+
+
+_BEGINNING: Final = contained("requests request")
 
 
 def _traced_send(
@@ -77,7 +85,7 @@ def _traced_send(
     request: requests.PreparedRequest,
     kwargs: dict[str, Any],
 ) -> requests.Response:
-    call = guard("requests request", None, _begin, hook, request) if hook.enabled else None
+    call = _begin(hook, request) if hook.enabled else None
     if call is None:
         return send(request, **kwargs)
     try:

@@ -17,8 +17,9 @@ from typing import Any, Final
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import TracerProvider
 
-from ._guard import internal_error
-from ._server import InboundTracer, ServerRequest
+from ._guard import contained
+from ._server import InboundRequest, InboundTracer
+from ._server_request import ServerRequest, Tokens
 from .config import (
     ExcludedPaths,
     ExcludedPathsOption,
@@ -122,35 +123,29 @@ class LaminarWSGIMiddleware:
         )
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        try:
+        request: ServerRequest | None = None
+        with _STARTING:
             request = self._start(environ)
-        except Exception:
-            internal_error("LaminarWSGIMiddleware")
-            request = None
         if request is None:
             return self.app(environ, start_response)
 
         def start_response_wrapper(status: str, headers: Any, *args: Any) -> Any:
-            try:
-                request.response_started(status.split(" ", 1)[0], _route_of(environ))
-            except Exception:
-                internal_error("LaminarWSGIMiddleware start_response")
+            with _RESPONDING:
+                request.response_started(status.split(" ", 1)[0])
             return start_response(status, headers, *args)
 
-        request.find_route_with(lambda: _route_of(environ))
-        token = request.attach()
+        tokens = _attach(request)
         try:
             iterable = self.app(environ, start_response_wrapper)
         except BaseException as exc:
-            _name(request, environ)
-            request.fail(exc)
-            request.detach(token)
-            request.end()
+            _fail(request, exc)
+            _detach(request, tokens)
+            _end(request)
             raise
-        request.detach(token)
+        _detach(request, tokens)
         if hasattr(iterable, "__len__"):
-            return _SizedResponseIterable(iterable, request, environ)
-        return _ResponseIterable(iterable, request, environ)
+            return _SizedResponseIterable(iterable, request)
+        return _ResponseIterable(iterable, request)
 
     def _start(self, environ: Environ) -> ServerRequest | None:
         server = self._server
@@ -162,41 +157,68 @@ class LaminarWSGIMiddleware:
         values = [_wire_bytes(environ[k]) for k in self._environ_keys if k in environ]
         host = environ.get("HTTP_HOST")
         request = server.start(
-            method=environ.get("REQUEST_METHOD", "GET"),
-            path=path,
-            scheme=environ.get("wsgi.url_scheme", "http"),
-            laminar_values=values,
-            carrier=environ,
-            getter=_GETTER,
-            subject=environ,
-            host=host,
-            server=None if host else _server_address(environ),
-            client=environ.get("REMOTE_ADDR"),
-            user_agent=environ.get("HTTP_USER_AGENT"),
+            InboundRequest(
+                environ.get("REQUEST_METHOD", "GET"),
+                path,
+                environ.get("wsgi.url_scheme", "http"),
+                values,
+                environ,
+                _GETTER,
+                environ,
+                host,
+                None if host else _server_address(environ),
+                environ.get("REMOTE_ADDR"),
+                environ.get("HTTP_USER_AGENT"),
+                lambda: _route_of(environ),
+            )
         )
-        if request is not None:
-            environ[REQUEST_ENVIRON_KEY] = request
+        environ[REQUEST_ENVIRON_KEY] = request
         return request
 
 
-def _name(request: ServerRequest, environ: Environ) -> None:
-    try:
-        request.set_route(_route_of(environ))
-    except Exception:
-        internal_error("LaminarWSGIMiddleware route")
+# The entry points where the server or the app calls into this middleware's work. Each
+# step is contained on its own, so a failure in one (attaching) does not skip another
+# (ending the span).
+_STARTING: Final = contained("LaminarWSGIMiddleware: starting the server span")
+_RESPONDING: Final = contained("LaminarWSGIMiddleware: start_response")
+_ATTACHING: Final = contained("LaminarWSGIMiddleware: attaching the server span")
+_FAILING: Final = contained("LaminarWSGIMiddleware: recording the app's exception")
+_DETACHING: Final = contained("LaminarWSGIMiddleware: detaching the server span")
+_ENDING: Final = contained("LaminarWSGIMiddleware: ending the server span")
+_NO_TOKENS: Final[Tokens] = (None, None)
+
+
+def _attach(request: ServerRequest) -> Tokens:
+    with _ATTACHING:
+        return request.attach()
+    return _NO_TOKENS
+
+
+def _detach(request: ServerRequest, tokens: Tokens) -> None:
+    with _DETACHING:
+        request.detach(tokens)
+
+
+def _fail(request: ServerRequest, exc: BaseException) -> None:
+    with _FAILING:
+        request.fail(exc)
+
+
+def _end(request: ServerRequest) -> None:
+    with _ENDING:
+        request.end()
 
 
 class _ResponseIterable:
     """The app's response, with the span current while each chunk is made and ended by
     `close()`."""
 
-    __slots__ = ("_environ", "_iterable", "_iterator", "_request")
+    __slots__ = ("_iterable", "_iterator", "_request")
 
-    def __init__(self, iterable: Iterable[bytes], request: ServerRequest, environ: Environ):
+    def __init__(self, iterable: Iterable[bytes], request: ServerRequest):
         self._iterable = iterable
         self._iterator: Iterator[bytes] | None = None
         self._request = request
-        self._environ = environ
 
     def __iter__(self) -> Iterator[bytes]:
         iterable = self._iterable
@@ -209,7 +231,7 @@ class _ResponseIterable:
         # response's __iter__), and detached before the chunk is handed to the server:
         # no context leaks into the server's own code.
         request = self._request
-        tokens = request.attach()
+        tokens = _attach(request)
         try:
             iterator = self._iterator
             if iterator is None:
@@ -218,28 +240,26 @@ class _ResponseIterable:
         except StopIteration:
             raise
         except BaseException as exc:
-            request.fail(exc)
+            _fail(request, exc)
             raise
         finally:
-            request.detach(tokens)
+            _detach(request, tokens)
 
     def close(self) -> None:
         request = self._request
         try:
             close = getattr(self._iterable, "close", None)
             if close is not None:
-                tokens = request.attach()
+                tokens = _attach(request)
                 try:
                     close()
                 except BaseException as exc:
-                    request.fail(exc)
+                    _fail(request, exc)
                     raise
                 finally:
-                    request.detach(tokens)
+                    _detach(request, tokens)
         finally:
-            if request.route is None:
-                _name(request, self._environ)
-            request.end()
+            _end(request)
 
 
 class _SizedResponseIterable(_ResponseIterable):
