@@ -203,7 +203,6 @@ class OutgoingRequest(NamedTuple):
 
 # The entry points where a client library calls into a call's work: each step is contained
 # on its own, so a failure in one (recording an error) does not skip another (ending).
-_DETACHING: Final = contained("outbound context detach")
 _RESPONDING: Final = contained("outbound response")
 _RECORDING_ERROR: Final = contained("outbound error")
 _ENDING: Final = contained("outbound span end")
@@ -228,8 +227,7 @@ class Call:
         """Leave the context `begin` attached; call right after the inner send returns."""
         token, self.token = self.token, None
         if token is not None:
-            with _DETACHING:
-                otel_context.detach(token)  # type: ignore[arg-type]
+            otel_context.detach(token)  # type: ignore[arg-type]  # contains its own failures
 
     def respond(self, status_code: object) -> None:
         """The response's status line has arrived."""

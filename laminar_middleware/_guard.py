@@ -122,8 +122,8 @@ class contained:
     def __init__(self, what: str) -> None:
         self.what = what
 
-    def __enter__(self) -> None:
-        return None
+    # A builtin, so entering runs no Python frame: these blocks sit on every request.
+    __enter__ = staticmethod(tuple)
 
     def __exit__(
         self,

@@ -241,7 +241,13 @@ class InboundTracer:
         host = request.host
         server = request.server
         if host:
-            address, port = self._split_host(host)
+            hosts = self._hosts
+            split = hosts.get(host)
+            if split is None:
+                if len(hosts) >= _MAX_HOSTS:
+                    hosts.clear()  # bounded: a caller can send any Host
+                split = hosts[host] = split_host(host)
+            address, port = split
         elif server is not None:
             address, port = server
         else:
@@ -255,15 +261,6 @@ class InboundTracer:
         if request.user_agent:
             attributes[USER_AGENT_ORIGINAL] = request.user_agent
         return prefix, attributes
-
-    def _split_host(self, host: str) -> tuple[str, int | None]:
-        hosts = self._hosts
-        split = hosts.get(host)
-        if split is None:
-            if len(hosts) >= _MAX_HOSTS:
-                hosts.clear()  # bounded: a caller can send any Host
-            split = hosts[host] = split_host(host)
-        return split
 
     def _parent(self, request: InboundRequest, attributes: dict[str, AttributeValue]) -> _Parent:
         """The caller's context (Laminar's header, else the global propagator's) as the

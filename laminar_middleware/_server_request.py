@@ -12,8 +12,10 @@ them (a child span, a client hook, the propagator, `serialize_span_context`) ask
 response or at the end, by the request's own thread; a reader in another thread only reads.
 
 Nothing here contains its own failures: the adapter's entry point that called in does (see
-`_guard`). The one exception is the framework's route lookup, whose failure must not cost
-the span its status or its end.
+`_guard`). The exceptions are other people's code that the request calls: the framework's
+route lookup, whose failure must not cost the span its status or its end, and Laminar's
+SDK in `attach` / `detach`, which the adapters call around every step of the app without a
+guard of their own.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ _ERROR_STATUS: Final = Status(StatusCode.ERROR)
 # WebSocket close codes of a normal end: not an error.
 _NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
 _FINDING_ROUTE: Final = contained("finding the route")
+_BRIDGE_ATTACH: Final = contained("attaching the server span to Laminar's context")
+_BRIDGE_DETACH: Final = contained("detaching the server span from Laminar's context")
 
 
 def _is_normal_disconnect(exc: BaseException) -> bool:
@@ -117,7 +121,11 @@ class ServerRequest:
 
     def attach(self) -> Tokens:
         """Make the span current (in Laminar's SDK context too, when it is initialized);
-        returns what `detach` needs. Call `detach` in the same thread or task."""
+        returns what `detach` needs. Call `detach` in the same thread or task.
+
+        Called around every step of the app (each chunk of a streamed body), so it cannot
+        fail: OpenTelemetry's attach sets a context variable, and Laminar's SDK, someone
+        else's code, is contained here."""
         context = self._context
         if context is None:
             base = self._base
@@ -125,22 +133,19 @@ class ServerRequest:
             context = self._context = otel_context.set_value(SERVER_REQUEST, self, context)
         token = otel_context.attach(context)
         bridge = self._bridge
-        if bridge is None:
-            return token, None
-        try:
-            return token, bridge.attach(self.span, self._remote)
-        except BaseException:
-            otel_context.detach(token)
-            raise
+        if bridge is not None:
+            with _BRIDGE_ATTACH:
+                return token, bridge.attach(self.span, self._remote)
+        return token, None
 
     def detach(self, tokens: Tokens) -> None:
+        """Undo `attach`; cannot fail (OpenTelemetry's detach contains its own failures)."""
         token, bridge_token = tokens
-        try:
-            if bridge_token is not None and self._bridge is not None:
+        if bridge_token is not None and self._bridge is not None:
+            with _BRIDGE_DETACH:
                 self._bridge.detach(bridge_token)  # type: ignore[arg-type]
-        finally:
-            if token is not None:
-                otel_context.detach(token)  # type: ignore[arg-type]
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
 
     def set_route(self, route: str | None) -> None:
         """The framework has matched the request's route (a template)."""
@@ -186,12 +191,13 @@ class OwnedRequest(ServerRequest):
         return self._route
 
     def _name_now(self) -> str:
-        self._resolve_route()
+        if self._route is None:
+            self._resolve_route()
         return self._name
 
     def _resolve_route(self) -> None:
         find_route = self._find_route
-        if find_route is not None and self._route is None and not self.ended:
+        if find_route is not None and not self.ended:
             with _FINDING_ROUTE:
                 self.set_route(find_route())
 
@@ -221,7 +227,8 @@ class OwnedRequest(ServerRequest):
             return
         code = int(status)  # type: ignore[call-overload]
         self.status_code = code
-        self._resolve_route()
+        if self._route is None:
+            self._resolve_route()
         attributes = self._pending()
         attributes[HTTP_RESPONSE_STATUS_CODE] = code
         if code >= 500 and not self._failed:
@@ -249,13 +256,13 @@ class OwnedRequest(ServerRequest):
     def end(self) -> None:
         if self.ended:
             return
-        self._resolve_route()
+        if self._route is None:
+            self._resolve_route()
         self.ended = True
         forget_owner(self._span_id)
         try:
-            attributes = self._pending()
-            if attributes:
-                self.span.set_attributes(attributes)
+            if self._name != self._written:
+                self.span.set_attributes(self._pending())
         finally:
             self.span.end()
 

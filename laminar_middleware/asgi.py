@@ -22,7 +22,7 @@ from opentelemetry.trace import TracerProvider
 from ._asgi_routes import RouteTemplates
 from ._guard import contained
 from ._server import InboundRequest, InboundTracer
-from ._server_request import ServerRequest, Tokens
+from ._server_request import ServerRequest
 from .config import (
     ExcludedPaths,
     ExcludedPathsOption,
@@ -43,9 +43,7 @@ Headers = Sequence[tuple[bytes, bytes]]
 # The entry points where the server or the app calls into this middleware's work.
 _STARTING: Final = contained("LaminarASGIMiddleware: starting the server span")
 _SENDING: Final = contained("LaminarASGIMiddleware: reading a response message")
-_ATTACHING: Final = contained("LaminarASGIMiddleware: attaching the server span")
 _FAILING: Final = contained("LaminarASGIMiddleware: recording the app's exception")
-_DETACHING: Final = contained("LaminarASGIMiddleware: detaching the server span")
 _ENDING: Final = contained("LaminarASGIMiddleware: ending the server span")
 
 
@@ -188,7 +186,22 @@ class LaminarASGIMiddleware:
                 with _ENDING:
                     request.end()
 
-        await self._run(request, scope, receive, send_wrapper, http=True)
+        tokens = request.attach()  # cannot fail (see ServerRequest)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            with _FAILING:
+                request.fail(exc)
+            raise
+        else:
+            if request.status_code is None:
+                with _FAILING:
+                    request.incomplete()
+        finally:
+            request.detach(tokens)
+            if not request.ended:  # a response that never sent its last chunk
+                with _ENDING:
+                    request.end()
 
     async def _websocket(
         self, request: ServerRequest, scope: Scope, receive: Receive, send: Send
@@ -199,28 +212,14 @@ class LaminarASGIMiddleware:
                     request.response_started(message["status"])
             await send(message)
 
-        await self._run(request, scope, receive, send_wrapper, http=False)
-
-    async def _run(
-        self, request: ServerRequest, scope: Scope, receive: Receive, send: Send, *, http: bool
-    ) -> None:
-        """The app, with the span current; the span ends with the last body chunk (HTTP) or
-        here, when the connection is over."""
-        tokens: Tokens = (None, None)
-        with _ATTACHING:
-            tokens = request.attach()
+        tokens = request.attach()  # cannot fail (see ServerRequest)
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_wrapper)
         except BaseException as exc:
             with _FAILING:
                 request.fail(exc)
             raise
-        else:
-            if http:
-                with _FAILING:
-                    request.incomplete()
         finally:
-            with _DETACHING:
-                request.detach(tokens)
+            request.detach(tokens)
             with _ENDING:
                 request.end()

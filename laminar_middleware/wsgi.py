@@ -19,7 +19,7 @@ from opentelemetry.trace import TracerProvider
 
 from ._guard import contained
 from ._server import InboundRequest, InboundTracer
-from ._server_request import ServerRequest, Tokens
+from ._server_request import ServerRequest
 from .config import (
     ExcludedPaths,
     ExcludedPathsOption,
@@ -134,15 +134,15 @@ class LaminarWSGIMiddleware:
                 request.response_started(status.split(" ", 1)[0])
             return start_response(status, headers, *args)
 
-        tokens = _attach(request)
+        tokens = request.attach()
         try:
             iterable = self.app(environ, start_response_wrapper)
         except BaseException as exc:
             _fail(request, exc)
-            _detach(request, tokens)
+            request.detach(tokens)
             _end(request)
             raise
-        _detach(request, tokens)
+        request.detach(tokens)
         if hasattr(iterable, "__len__"):
             return _SizedResponseIterable(iterable, request)
         return _ResponseIterable(iterable, request)
@@ -177,26 +177,12 @@ class LaminarWSGIMiddleware:
 
 
 # The entry points where the server or the app calls into this middleware's work. Each
-# step is contained on its own, so a failure in one (attaching) does not skip another
-# (ending the span).
+# step is contained on its own, so a failure in one (recording the exception) does not
+# skip another (ending the span). `attach` / `detach` cannot fail (see ServerRequest).
 _STARTING: Final = contained("LaminarWSGIMiddleware: starting the server span")
 _RESPONDING: Final = contained("LaminarWSGIMiddleware: start_response")
-_ATTACHING: Final = contained("LaminarWSGIMiddleware: attaching the server span")
 _FAILING: Final = contained("LaminarWSGIMiddleware: recording the app's exception")
-_DETACHING: Final = contained("LaminarWSGIMiddleware: detaching the server span")
 _ENDING: Final = contained("LaminarWSGIMiddleware: ending the server span")
-_NO_TOKENS: Final[Tokens] = (None, None)
-
-
-def _attach(request: ServerRequest) -> Tokens:
-    with _ATTACHING:
-        return request.attach()
-    return _NO_TOKENS
-
-
-def _detach(request: ServerRequest, tokens: Tokens) -> None:
-    with _DETACHING:
-        request.detach(tokens)
 
 
 def _fail(request: ServerRequest, exc: BaseException) -> None:
@@ -231,7 +217,7 @@ class _ResponseIterable:
         # response's __iter__), and detached before the chunk is handed to the server:
         # no context leaks into the server's own code.
         request = self._request
-        tokens = _attach(request)
+        tokens = request.attach()
         try:
             iterator = self._iterator
             if iterator is None:
@@ -243,23 +229,24 @@ class _ResponseIterable:
             _fail(request, exc)
             raise
         finally:
-            _detach(request, tokens)
+            request.detach(tokens)
 
     def close(self) -> None:
         request = self._request
         try:
             close = getattr(self._iterable, "close", None)
             if close is not None:
-                tokens = _attach(request)
+                tokens = request.attach()
                 try:
                     close()
                 except BaseException as exc:
                     _fail(request, exc)
                     raise
                 finally:
-                    _detach(request, tokens)
+                    request.detach(tokens)
         finally:
-            _end(request)
+            with _ENDING:
+                request.end()
 
 
 class _SizedResponseIterable(_ResponseIterable):

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laminar_middleware import LaminarSpanContext
+from laminar_middleware import (
+    LaminarSpanContext,
+)
 from laminar_middleware.codec import format_uuid, parse_with_reason
 
 PY_HEADER = (
@@ -360,3 +362,22 @@ def test_parse_never_raises_on_json_objects(data: dict[str, Any]) -> None:
     result = LaminarSpanContext.parse(json.dumps(data))
     if result is not None:
         assert LaminarSpanContext.parse(result.serialize()) == result
+
+
+def test_unclosed_string_of_escaped_quotes_parses_in_linear_time() -> None:
+    # Over 16 brackets take the scanning path; the string never closes.
+    nasty = '{"a":' + "[" * 17 + "]" * 17 + ',"b":"' + '\\"' * 4000
+    assert len(nasty) < 8192
+    started = time.perf_counter()
+    for _ in range(20):
+        assert LaminarSpanContext.parse(nasty) is None
+    # 20 quadratic scans took seconds; linear ones take milliseconds. A runaway guard only.
+    assert time.perf_counter() - started < 2
+
+
+@pytest.mark.parametrize(
+    ("trace_id", "span_id"), [(0, 0), (1 << 128, 1), (-1, 5), (1, 1 << 64), (1, 0)]
+)
+def test_serialize_refuses_ids_no_reader_accepts(trace_id: int, span_id: int) -> None:
+    with pytest.raises(ValueError):
+        LaminarSpanContext(trace_id, span_id).serialize()

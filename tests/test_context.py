@@ -4,8 +4,12 @@ continue_trace, with spans read from the SDK's in-memory exporter."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -131,3 +135,50 @@ def test_deserialize_is_parse() -> None:
     assert deserialize_span_context(REMOTE) == REMOTE
     assert deserialize_span_context(LaminarSpanContext(0, 1)) is None
     assert deserialize_span_context(None) is None
+
+
+def test_string_metadata_keeps_its_type_across_a_hop(exporter: InMemorySpanExporter) -> None:
+    metadata = {"s": "123", "b": "true", "n": "null", "l": [1, 2], "d": {"k": "v"}, "i": 7}
+    with continue_trace(LaminarSpanContext(1, 2, metadata=metadata), "worker"):
+        onward = LaminarSpanContext.parse(serialize_span_context())
+    assert onward is not None
+    assert onward.metadata == LaminarSpanContext(1, 2, metadata=metadata).metadata
+
+
+class Exploding(SpanProcessor):
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def on_start(self, span: Span, parent_context: Any = None) -> None:
+        if self.where == "start":
+            raise RuntimeError("processor on_start")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.where == "end":
+            raise RuntimeError("processor on_end")
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_continue_trace_fails_open_on_a_raising_processor(where: str) -> None:
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(Exploding(where))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ran = []
+    with continue_trace(LaminarSpanContext(1, 2), "job", tracer_provider=provider):
+        ran.append(True)
+    assert ran == [True]
+    # The worker's own exception is the one that comes out.
+    with (
+        pytest.raises(KeyError, match="mine"),
+        continue_trace(LaminarSpanContext(1, 2), "job", tracer_provider=provider),
+    ):
+        raise KeyError("mine")
+
+
+def test_continue_trace_records_the_workers_exception(exporter: InMemorySpanExporter) -> None:
+    with pytest.raises(ValueError), continue_trace(None, "job"):
+        raise ValueError("bad job")
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is trace.StatusCode.ERROR
+    assert span.events[0].name == "exception"

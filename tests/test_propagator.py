@@ -7,12 +7,18 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from laminar_middleware import HEADER_NAME, LaminarPropagator, LaminarSpanContext
+from laminar_middleware import (
+    HEADER_NAME,
+    LaminarPropagator,
+    LaminarSpanContext,
+)
 
 REMOTE = LaminarSpanContext(0xABC, 0xDEF, ("a",), ("00000000-0000-0000-0000-000000000def",))
 
@@ -93,3 +99,57 @@ def test_selected_by_otel_propagators_environment_variable() -> None:
     ]
     assert result["keys"] == [HEADER_NAME, "traceparent"]
     assert result["same"] is True
+
+
+TRACEPARENT = "00-0000000000000000000000000000abcd-00000000000000ef-01"
+
+
+def test_propagator_inject_keeps_a_header_the_caller_set() -> None:
+    carrier = {"x-laminar-span-context": "mine"}
+    with trace.get_tracer("t").start_as_current_span("s"):
+        LaminarPropagator().inject(carrier)
+    assert carrier == {"x-laminar-span-context": "mine"}
+
+
+@pytest.mark.parametrize("trust", ["ignore", "restart"])
+def test_propagator_trust_also_drops_a_w3c_parent(trust: str) -> None:
+    composite = CompositePropagator([TraceContextTextMapPropagator(), LaminarPropagator(trust)])
+    carrier = {"traceparent": TRACEPARENT, HEADER_NAME: LaminarSpanContext(5, 6).serialize()}
+    context = composite.extract(carrier)
+    assert not trace.get_current_span(context).get_span_context().is_valid
+    # Under `continue` the same carrier gives the Laminar parent.
+    trusted = CompositePropagator([TraceContextTextMapPropagator(), LaminarPropagator()])
+    parent = trace.get_current_span(trusted.extract(carrier)).get_span_context()
+    assert (parent.trace_id, parent.span_id) == (5, 6)
+
+
+def test_a_refused_header_is_parsed_and_logged_once_with_laminar_in_the_global_propagator(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry import propagate
+
+    from laminar_middleware import LaminarWSGIMiddleware
+
+    monkeypatch.setattr(
+        propagate,
+        "_HTTP_TEXT_FORMAT",
+        CompositePropagator([TraceContextTextMapPropagator(), LaminarPropagator()]),
+    )
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = LaminarWSGIMiddleware(app)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "wsgi.url_scheme": "http",
+        "HTTP_X_LAMINAR_SPAN_CONTEXT": '{"trace_id": "not an id"}',
+    }
+    with caplog.at_level("WARNING", logger="laminar_middleware"):
+        body = middleware(environ, lambda status, headers, exc_info=None: None)
+        assert list(body) == [b"ok"]
+        body.close()  # type: ignore[attr-defined]
+    refusals = [r for r in caplog.records if "invalid Laminar span context" in r.getMessage()]
+    assert len(refusals) == 1

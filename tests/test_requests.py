@@ -12,18 +12,14 @@ from typing import Any
 import pytest
 import requests
 from opentelemetry.instrumentation.utils import suppress_instrumentation
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from requests.adapters import HTTPAdapter
 from support.outbound import (
-    SIGV4,
     TRACER,
-    Exploding,
     assert_names,
     assert_nothing_sent,
     client_spans,
-    closed_port_url,
     echo_server,
     laminar,
     only,
@@ -35,7 +31,6 @@ from urllib3.util.retry import Retry
 
 from laminar_middleware import (
     HEADER_NAME,
-    LaminarSpanContext,
     instrument_requests,
     uninstrument_requests,
 )
@@ -114,14 +109,6 @@ def test_module_level_calls_with_global_instrumentation(
     assert_names(payload, got)
 
 
-def test_no_current_span_no_header_no_span(
-    base: str, session: requests.Session, exporter: InMemorySpanExporter
-) -> None:
-    instrument_requests(session)
-    assert_nothing_sent(get(session, f"{base}/echo"))
-    assert exporter.get_finished_spans() == ()
-
-
 def test_custom_mounted_adapter_is_still_used(
     base: str, session: requests.Session, exporter: InMemorySpanExporter
 ) -> None:
@@ -137,55 +124,6 @@ def test_custom_mounted_adapter_is_still_used(
 
 
 # --- where the header may go ---------------------------------------------------------------
-
-
-def test_propagate_to_exact_host(
-    base: str, session: requests.Session, exporter: InMemorySpanExporter
-) -> None:
-    instrument_requests(session, propagate_to=["127.0.0.1"])
-    with TRACER.start_as_current_span("caller"):
-        yes = get(session, f"{base}/echo")
-        no = get(session, other_host(base) + "/echo")
-    first, second = client_spans(exporter.get_finished_spans())
-    assert_names(yes, first)
-    assert_nothing_sent(no)
-    assert dict(second.attributes or {})["server.address"] == "localhost"
-
-
-def test_propagate_to_from_environment(
-    base: str, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LAMINAR_PROPAGATE_TO", "re:local.*")
-    with requests.Session() as session:
-        instrument_requests(session)
-        with TRACER.start_as_current_span("caller"):
-            assert laminar(get(session, other_host(base) + "/echo")) is not None
-            assert_nothing_sent(get(session, f"{base}/echo"))
-    assert len(client_spans(exporter.get_finished_spans())) == 2
-
-
-def test_signed_requests_get_no_header(
-    base: str, session: requests.Session, exporter: InMemorySpanExporter
-) -> None:
-    instrument_requests(session)
-    with TRACER.start_as_current_span("caller"):
-        signed = get(session, f"{base}/echo", headers={"Authorization": SIGV4})
-        presigned = get(session, f"{base}/echo?X-Amz-Signature=abc")
-    assert_nothing_sent(signed)
-    assert only(signed, "authorization") == SIGV4
-    assert_nothing_sent(presigned)
-    assert len(client_spans(exporter.get_finished_spans())) == 2
-
-
-def test_explicit_headers_are_kept(base: str, session: requests.Session) -> None:
-    instrument_requests(session)
-    mine = LaminarSpanContext(0xAB, 0xCD).serialize()
-    with TRACER.start_as_current_span("caller"):
-        upper = get(session, f"{base}/echo", headers={"X-LAMINAR-SPAN-CONTEXT": mine})
-        alias = get(session, f"{base}/echo", headers={"laminar-span-context": mine})
-    assert values(upper, HEADER_NAME) == [mine]
-    assert values(alias, HEADER_NAME) == []
-    assert values(alias, "laminar-span-context") == [mine]
 
 
 def test_redirect_to_a_refused_host_drops_our_headers(
@@ -342,31 +280,6 @@ def test_exporters_suppressing_instrumentation_get_nothing(
     assert client_spans(exporter.get_finished_spans()) == []
 
 
-def test_server_errors_mark_the_span(
-    base: str, session: requests.Session, exporter: InMemorySpanExporter
-) -> None:
-    instrument_requests(session)
-    with TRACER.start_as_current_span("caller"):
-        assert session.get(f"{base}/status/500", timeout=5).status_code == 500
-    (span,) = client_spans(exporter.get_finished_spans())
-    assert span.status.status_code is StatusCode.ERROR
-    assert dict(span.attributes or {})["error.type"] == "500"
-
-
-def test_connection_refused_reraises_the_original(
-    session: requests.Session, exporter: InMemorySpanExporter
-) -> None:
-    instrument_requests(session)
-    with TRACER.start_as_current_span("caller"):
-        with pytest.raises(requests.exceptions.ConnectionError) as caught:
-            session.get(closed_port_url(), timeout=5)
-    assert type(caught.value) is requests.exceptions.ConnectionError
-    (span,) = client_spans(exporter.get_finished_spans())
-    assert span.status.status_code is StatusCode.ERROR
-    assert dict(span.attributes or {})["error.type"] == "requests.exceptions.ConnectionError"
-    assert [event.name for event in span.events] == ["exception"]
-
-
 def test_timeout_reraises_the_original(
     base: str, session: requests.Session, exporter: InMemorySpanExporter
 ) -> None:
@@ -378,28 +291,6 @@ def test_timeout_reraises_the_original(
     (span,) = client_spans(exporter.get_finished_spans())
     assert span.status.status_code is StatusCode.ERROR
     assert dict(span.attributes or {})["error.type"] == "requests.exceptions.ReadTimeout"
-
-
-# --- fail open -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("where", ["on_start", "on_end"])
-def test_a_failing_span_processor_changes_nothing(
-    base: str, where: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    provider = TracerProvider()
-    provider.add_span_processor(Exploding(**{where: True}))
-    with requests.Session() as plain, requests.Session() as session:
-        instrument_requests(session, tracer_provider=provider)
-        with TRACER.start_as_current_span("caller"):
-            expected = plain.get(f"{base}/status/201", timeout=5)
-            response = session.get(f"{base}/status/201", timeout=5)
-            with pytest.raises(requests.exceptions.ConnectionError):
-                session.get(closed_port_url(), timeout=5)
-    assert (response.status_code, response.headers["content-type"]) == (201, "application/json")
-    if where == "on_start":
-        assert response.json()["headers"] == expected.json()["headers"]
-    assert "internal error" in caplog.text
 
 
 # --- uninstrument --------------------------------------------------------------------------
