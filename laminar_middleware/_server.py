@@ -57,6 +57,7 @@ from .codec import (
     HEADER_NAME,
     HEADER_NAME_ALIAS,
     LaminarSpanContext,
+    format_uuid,
     parse_with_reason,
 )
 from .config import (
@@ -329,12 +330,17 @@ class InboundTracer:
             attributes.update(association_attributes(remote))
         else:
             remote = None
-        enriched = EnrichedRequest(span, remote, active_bridge())
-        paths = enriched.laminar_paths()
-        attributes[SPAN_PATH] = paths[0]
-        attributes[SPAN_IDS_PATH] = paths[1]
+        name = getattr(span, "name", None) or "HTTP"
+        parent_path = () if remote is None else remote.span_path
+        parent_ids_path = () if remote is None else remote.span_ids_path
+        attributes[SPAN_PATH] = (*parent_path, name)
+        attributes[SPAN_IDS_PATH] = (
+            *parent_ids_path,
+            format_uuid(span.get_span_context().span_id),
+        )
         span.set_attributes(attributes)
-        return enriched
+        # Made once the span is written: nothing is registered for a request that failed.
+        return EnrichedRequest(span, remote, active_bridge())
 
     def _ensure_processor(self) -> None:
         # Laminar paths for the spans the app starts under ours: once, on an SDK provider

@@ -68,6 +68,7 @@ class ServerRequest:
         "_base",
         "_bridge",
         "_context",
+        "_owner",
         "_parent_ids_path",
         "_parent_path",
         "_remote",
@@ -101,8 +102,8 @@ class ServerRequest:
         self.status_code: int | None = None
         self.ended = False
         self._span_id = span.get_span_context().span_id
-        if span.is_recording():
-            register_owner(self._span_id, self)
+        # False: not recording, or an outer copy of the middleware owns the span already.
+        self._owner = span.is_recording() and register_owner(self._span_id, self)
 
     @property
     def route(self) -> str | None:
@@ -128,9 +129,10 @@ class ServerRequest:
         else's code, is contained here."""
         context = self._context
         if context is None:
-            base = self._base
-            context = trace.set_span_in_context(self.span, base)
-            context = self._context = otel_context.set_value(SERVER_REQUEST, self, context)
+            context = trace.set_span_in_context(self.span, self._base)
+            if self._owner:
+                context = otel_context.set_value(SERVER_REQUEST, self, context)
+            self._context = context
         token = otel_context.attach(context)
         bridge = self._bridge
         if bridge is not None:
@@ -227,8 +229,8 @@ class OwnedRequest(ServerRequest):
             return
         code = int(status)  # type: ignore[call-overload]
         self.status_code = code
-        if self._route is None:
-            self._resolve_route()
+        # Asked again even when known: Starlette names a Mount first, its inner route later.
+        self._resolve_route()
         attributes = self._pending()
         attributes[HTTP_RESPONSE_STATUS_CODE] = code
         if code >= 500 and not self._failed:
@@ -259,7 +261,7 @@ class OwnedRequest(ServerRequest):
         if self._route is None:
             self._resolve_route()
         self.ended = True
-        forget_owner(self._span_id)
+        forget_owner(self._span_id, self)
         try:
             if self._name != self._written:
                 self.span.set_attributes(self._pending())
@@ -293,5 +295,5 @@ class EnrichedRequest(ServerRequest):
     def end(self) -> None:
         if not self.ended:
             self.ended = True
-            forget_owner(self._span_id)
+            forget_owner(self._span_id, self)
             self._follow_name()

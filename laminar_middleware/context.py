@@ -99,14 +99,20 @@ _owners: dict[int, PathOwner] = {}
 _MAX_OWNERS: Final = 100_000
 
 
-def register_owner(span_id: int, owner: PathOwner) -> None:
+def register_owner(span_id: int, owner: PathOwner) -> bool:
+    """Make `owner` the one that answers for its span; False when the span has one already
+    (an outer copy of the middleware owns it: the inner one must not take over)."""
+    if span_id in _owners:
+        return False
     if len(_owners) >= _MAX_OWNERS:
         _owners.clear()
     _owners[span_id] = owner
+    return True
 
 
-def forget_owner(span_id: int) -> None:
-    _owners.pop(span_id, None)
+def forget_owner(span_id: int, owner: PathOwner) -> None:
+    if _owners.get(span_id) is owner:
+        del _owners[span_id]
 
 
 # id(provider) -> (a weak reference to that provider, its tracer). The reference tells a
@@ -333,8 +339,12 @@ def _no_constants(name: str) -> Any:
 
 def serialize_span_context(span: Span | None = None) -> str | None:
     """The header value for a span (the current one when None); None without a valid span."""
-    context = span_context_of(span)
-    return None if context is None else context.serialize()
+    from ._guard import contained
+
+    with contained("serialize_span_context"):
+        context = span_context_of(span)
+        return None if context is None else context.serialize()
+    return None
 
 
 def deserialize_span_context(

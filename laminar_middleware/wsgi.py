@@ -172,7 +172,11 @@ class LaminarWSGIMiddleware:
                 lambda: _route_of(environ),
             )
         )
-        environ[REQUEST_ENVIRON_KEY] = request
+        try:
+            environ[REQUEST_ENVIRON_KEY] = request
+        except BaseException:
+            request.end()  # a read-only environ: the app runs without us
+            raise
         return request
 
 

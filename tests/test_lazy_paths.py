@@ -220,3 +220,68 @@ def test_a_reader_in_another_thread_before_routing_leaves_the_span_its_route_pat
     assert from_worker == []
     assert server.name == "GET /items/<int:item_id>"
     assert (server.attributes or {})["lmnr.span.path"] == (server.name,)
+
+
+def _call_in_process(app: Any, path: str) -> int:
+    """One request through the app in this process: the socket is not the point here."""
+    import asyncio
+
+    import httpx
+
+    async def call() -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return (await client.get(path)).status_code
+
+    return asyncio.run(call())
+
+
+def test_a_route_asked_for_early_inside_a_mount_is_asked_again_with_the_response(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """Starlette leaves the Mount in the scope first and the inner route later: a child
+    span started between the two (by the mounted app's own middleware) must not fix the
+    server span's name at the Mount's template."""
+    from starlette.middleware import Middleware
+    from starlette.routing import Mount
+
+    class ChildSpan:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            with TRACER.start_as_current_span("inside the mount"):
+                await self.app(scope, receive, send)
+
+    async def item(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    inner = Starlette(routes=[Route("/items/{item_id}", item)], middleware=[Middleware(ChildSpan)])
+    app = LaminarASGIMiddleware(Starlette(routes=[Mount("/api", app=inner)]))
+    assert _call_in_process(app, "/api/items/7") == 200
+    server = server_span(list(exporter.get_finished_spans()))
+    assert server.name == "GET /api/items/{item_id}"
+    attributes = server.attributes or {}
+    assert attributes["http.route"] == "/api/items/{item_id}"
+    assert attributes["lmnr.span.path"] == (server.name,)
+
+
+def test_an_inner_copy_of_the_middleware_leaves_the_path_to_the_outer_one(
+    exporter: InMemorySpanExporter,
+) -> None:
+    async def item(request: Request) -> JSONResponse:
+        with TRACER.start_as_current_span("child"):
+            return JSONResponse({})
+
+    routed = Starlette(routes=[Route("/items/{item_id}", item)])
+    app = LaminarASGIMiddleware(LaminarASGIMiddleware(routed))
+    assert _call_in_process(app, "/items/7") == 200
+    spans = list(exporter.get_finished_spans())
+    server = server_span(spans)
+    (child,) = [s for s in spans if s.name == "child"]
+    assert server.name == "GET /items/{item_id}"
+    assert (child.attributes or {})["lmnr.span.path"] == (server.name, "child")
+    assert (server.attributes or {})["lmnr.span.path"] == (server.name,)
+    from laminar_middleware.context import _owners
+
+    assert not _owners  # every request's entry went with its end
