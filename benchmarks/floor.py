@@ -3,7 +3,7 @@ span this package must record, with nothing of this package in the way.
 
 Each floor does the least any implementation of the inbound and outbound rules could do
 per request: one SDK span with the same name, kind and attributes as this package's span
-(the HTTP semantic-convention attributes and Laminar's four path attributes), made current while
+(the HTTP semantic-convention attributes and Laminar's two path attributes), made current while
 the app or the inner send runs, and ended. Outbound it also writes the Laminar header
 and the W3C headers, as the package promises. It skips everything else this package does: the
 inbound header is not parsed (the parent context is made once, up front), there is no trust
@@ -43,10 +43,8 @@ def remote_parent(remote: LaminarSpanContext) -> otel_context.Context:
 
 
 def _server_span(tracer: Tracer, remote: LaminarSpanContext, parent: Any) -> Any:
-    attributes: dict[str, Any] = dict(SERVER_ATTRIBUTES)
-    attributes["lmnr.span.parent_path"] = remote.span_path
-    attributes["lmnr.span.parent_ids_path"] = remote.span_ids_path
-    return tracer.start_span("GET", parent, SpanKind.SERVER, attributes)
+    # Without Laminar's SDK (as here) the caller's paths are not start attributes.
+    return tracer.start_span("GET", parent, SpanKind.SERVER, dict(SERVER_ATTRIBUTES))
 
 
 def _response_attributes(

@@ -202,14 +202,15 @@ class InboundTracer:
         current = trace.get_current_span()
         if current.is_recording() and getattr(current, "kind", None) is SpanKind.SERVER:
             return self._enrich(current, request)
-        prefix, attributes = self._attributes(request)
-        parent = self._parent(request, attributes)
         # Laminar's SDK, when initialized in this process, gets the span on its provider
         # (unless the user chose one) and as current span in its own context.
         bridge = active_bridge()
+        prefix, attributes = self._attributes(request)
+        parent = self._parent(request, attributes, bridge)
         tracer, provider = self._tracer_now(bridge)
-        # The caller's paths went in with the start attributes: Laminar's SDK computes the
-        # span's own paths from them when it starts. Ours are written with the response.
+        # With Laminar's SDK the caller's paths went in with the start attributes: it
+        # computes the span's own paths from them when it starts. Ours are written with the
+        # response.
         span = tracer.start_span(
             prefix,
             context=parent.context,
@@ -263,7 +264,12 @@ class InboundTracer:
             attributes[USER_AGENT_ORIGINAL] = request.user_agent
         return prefix, attributes
 
-    def _parent(self, request: InboundRequest, attributes: dict[str, AttributeValue]) -> _Parent:
+    def _parent(
+        self,
+        request: InboundRequest,
+        attributes: dict[str, AttributeValue],
+        bridge: LaminarBridge | None,
+    ) -> _Parent:
         """The caller's context (Laminar's header, else the global propagator's) as the
         trust policy takes it; when continued, the caller's attributes join `attributes`."""
         values = request.laminar_values
@@ -271,7 +277,8 @@ class InboundTracer:
         if remote is not None:
             decision = self.trust.decide(request.subject)
             if decision == "continue":
-                attributes.update(parent_attributes(remote))
+                if bridge is not None:
+                    attributes.update(parent_attributes(remote))
                 attributes.update(association_attributes(remote))
                 return _Parent(remote_parent_context(remote, _ROOT), None, remote, None)
             if decision == "restart":
@@ -318,6 +325,7 @@ class InboundTracer:
         values = request.laminar_values
         remote = self._laminar_remote(values) if values else None
         parent = getattr(span, "parent", None)
+        bridge = active_bridge()
         attributes: dict[str, AttributeValue] = {}
         if (
             remote is not None
@@ -326,7 +334,8 @@ class InboundTracer:
             and parent.trace_id == remote.trace_id
             and self.trust.decide(request.subject) == "continue"
         ):
-            attributes.update(parent_attributes(remote))
+            if bridge is not None:
+                attributes.update(parent_attributes(remote))
             attributes.update(association_attributes(remote))
         else:
             remote = None
@@ -340,7 +349,7 @@ class InboundTracer:
         )
         span.set_attributes(attributes)
         # Made once the span is written: nothing is registered for a request that failed.
-        return EnrichedRequest(span, remote, active_bridge())
+        return EnrichedRequest(span, remote, bridge)
 
     def _ensure_processor(self) -> None:
         # Laminar paths for the spans the app starts under ours: once, on an SDK provider

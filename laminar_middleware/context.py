@@ -208,7 +208,11 @@ def remote_parent_context(remote: LaminarSpanContext, context: Context | None = 
 
 
 def parent_attributes(remote: LaminarSpanContext) -> dict[str, AttributeValue]:
-    """Start attributes of a span continuing `remote`: where it sits in Laminar's tree."""
+    """Start attributes of a span continuing `remote`, for Laminar's SDK only: its span
+    processor computes the span's own paths from them when the span starts. Without the
+    SDK nothing reads them (the span's own paths are written in full) and the OpenTelemetry
+    SDK's check of two more tuples is one of a server span's larger costs, so the callers
+    set them only when Laminar's SDK is active (`_lmnr.active_bridge()`)."""
     if not remote.span_path:
         return {}
     return {PARENT_SPAN_PATH: remote.span_path, PARENT_SPAN_IDS_PATH: remote.span_ids_path}
@@ -387,10 +391,12 @@ def continue_trace(
     end_on_exit = checked_flag("end_on_exit", end_on_exit, True)
     tracer_provider = checked_provider(tracer_provider)
     remote = deserialize_span_context(value)
+    bridge = active_bridge()
     start_attributes: dict[str, AttributeValue] = _attributes_option(attributes)
     if remote is not None:
         parent = remote_parent_context(remote, Context())
-        start_attributes.update(parent_attributes(remote))
+        if bridge is not None:
+            start_attributes.update(parent_attributes(remote))
         start_attributes.update(association_attributes(remote))
         parent_path, parent_ids_path = remote.span_path, remote.span_ids_path
     else:
@@ -400,7 +406,6 @@ def continue_trace(
     # Fail open: a span processor or exporter that raises must not reach the worker's code
     # (nor replace an exception of its own). Each step is contained on its own, so the
     # span still ends when attaching it failed.
-    bridge = active_bridge()
     if tracer_provider is None and bridge is not None:
         tracer_provider = bridge.tracer_provider()
     with contained("adding the Laminar path processor"):

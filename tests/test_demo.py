@@ -117,7 +117,7 @@ def test_worker_span_continues_the_stored_laminar_path(demo_json: dict[str, Any]
     consumer = find(spans, "worker", "CONSUMER", "summarise (job 1)")
     padded = format_uuid(int(producer["span_id"], 16))
     attributes = consumer["attributes"]
-    assert attributes["lmnr.span.parent_ids_path"][-1] == padded
+    assert attributes["lmnr.span.ids_path"][-2] == padded
     assert attributes["lmnr.span.path"][-2:] == ["enqueue summarise", "summarise (job 1)"]
     assert attributes["lmnr.span.ids_path"][-1] == format_uuid(int(consumer["span_id"], 16))
 

@@ -145,3 +145,22 @@ def test_spec_typescript_sample() -> None:
     assert parsed.span_id == 0x07151BE863D82D13
     assert parsed.span_path == ("serviceAHandler", "inner")
     assert parsed.trace_type == "DEFAULT"
+
+
+def test_continue_trace_under_laminars_sdk_gives_it_the_callers_path() -> None:
+    # Laminar's processor computes the worker span's path from the start attributes, and an
+    # `@observe` function inside continues it.
+    remote = LaminarSpanContext(
+        trace_id=0x0123456789ABCDEF0123456789ABCDEF,
+        span_id=0x1122334455667788,
+        span_path=("caller", "enqueue"),
+        span_ids_path=(
+            "00000000-0000-0000-0000-000000000001",
+            "00000000-0000-0000-1122-334455667788",
+        ),
+    )
+    spans = ask_lmnr({"continue": remote.serialize()})["continued"]
+    by_name = {s["name"]: s["attributes"] for s in spans}
+    assert by_name["worker"]["lmnr.span.parent_path"] == ["caller", "enqueue"]
+    assert by_name["worker"]["lmnr.span.path"] == ["caller", "enqueue", "worker"]
+    assert by_name["step"]["lmnr.span.path"] == ["caller", "enqueue", "worker", "step"]

@@ -93,6 +93,21 @@ def test_handler_spans_are_children_of_the_server_span_in_the_callers_trace(
 
 
 @pytest.mark.parametrize("server_name", ["GET /items/{item_id}", "GET /items/<int:item_id>"])
+def test_the_callers_paths_are_start_attributes_only_for_laminars_sdk(
+    run: dict[str, Any], server_name: str
+) -> None:
+    # Laminar's span processor computes a span's paths from these when it starts; without
+    # the SDK nothing reads them, so they are not written.
+    server = spans_under(run, server_name)["server"]["attributes"]
+    if run["mode"] == "lmnr":
+        assert server["lmnr.span.parent_path"] == ["caller"]
+        assert server["lmnr.span.parent_ids_path"] == [format_uuid(run["caller"]["span_id"])]
+    else:
+        assert "lmnr.span.parent_path" not in server
+        assert "lmnr.span.parent_ids_path" not in server
+
+
+@pytest.mark.parametrize("server_name", ["GET /items/{item_id}", "GET /items/<int:item_id>"])
 def test_paths_extend_the_callers_path_and_carry_the_association(
     run: dict[str, Any], server_name: str
 ) -> None:

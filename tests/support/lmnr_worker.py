@@ -2,7 +2,9 @@
 
 Reads one JSON request on stdin, writes one JSON answer on stdout:
 - {"make": true}: headers that `Laminar.serialize_span_context()` writes for some spans;
-- {"read": [header, ...]}: what `Laminar.deserialize_span_context` makes of each header.
+- {"read": [header, ...]}: what `Laminar.deserialize_span_context` makes of each header;
+- {"continue": header}: the spans Laminar's exporter got from `continue_trace(header)` with
+  an `@observe` function called inside.
 """
 
 from __future__ import annotations
@@ -80,10 +82,30 @@ def read_headers(headers: list[str]) -> list[dict[str, Any] | None]:
     return out
 
 
+def continue_header(header: str, exporter: InMemorySpanExporter) -> list[dict[str, Any]]:
+    from laminar_middleware import continue_trace
+
+    @observe(name="step")
+    def step() -> None:
+        pass
+
+    with continue_trace(header, "worker"):
+        step()
+    return [
+        {"name": s.name, "attributes": {k: _plain(v) for k, v in (s.attributes or {}).items()}}
+        for s in exporter.get_finished_spans()
+    ]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def main() -> None:
     request = json.load(sys.stdin)
+    exporter = InMemorySpanExporter()
     init_tracing(
-        exporter=InMemorySpanExporter(),
+        exporter=exporter,
         disable_batch=True,
         instruments=set(),
         set_global_tracer_provider=False,
@@ -94,6 +116,8 @@ def main() -> None:
         answer["made"] = make_headers()
     if "read" in request:
         answer["read"] = read_headers(request["read"])
+    if "continue" in request:
+        answer["continued"] = continue_header(request["continue"], exporter)
     sys.stdout.write(json.dumps(answer))
 
 
