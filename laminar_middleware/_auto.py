@@ -6,8 +6,9 @@ Starlette and FastAPI build their middleware stack at the first request
 (`build_middleware_stack`, where the middleware is put first), Flask apps are wrapped when
 built and, if built earlier, at their first request. requests sessions go through the
 class's `send`, so every session is covered; httpx fixes a client's transport when the
-client is built, so only clients built afterwards are. `uninstrument()` restores what it
-patched; apps and clients instrumented in between keep their middleware and hooks.
+client is built, so only clients built afterwards are. Celery is covered through its
+signals, for every app. `uninstrument()` restores what it patched; apps and clients
+instrumented in between keep their middleware and hooks.
 """
 
 from __future__ import annotations
@@ -74,11 +75,18 @@ def instrument(**options: Any) -> None:
         _patch("fastapi.applications", "FastAPI", "build_middleware_stack", _first(inbound, True))
         _patch("flask.app", "Flask", "__init__", _after_flask_init(inbound))
         _patch("flask.app", "Flask", "__call__", _before_flask_call(inbound))
-        for library, module in (("httpx", ".httpx"), ("requests", ".requests")):
+        queue: dict[str, Any] = {
+            k: inbound[k] for k in ("tracer_provider", "trust") if k in inbound
+        }
+        for library, module, chosen in (
+            ("httpx", ".httpx", outbound),
+            ("requests", ".requests", outbound),
+            ("celery", ".celery", queue),
+        ):
             if _importable(library):
                 with contained(f"instrument {library}"):
                     hook = importlib.import_module(module, __package__)
-                    getattr(hook, f"instrument_{library}")(**outbound)
+                    getattr(hook, f"instrument_{library}")(**chosen)
                     _clients_instrumented.append(module)
 
 

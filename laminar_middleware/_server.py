@@ -85,6 +85,8 @@ __all__ = [
     "DEFAULT_HEADER_NAMES",
     "InboundRequest",
     "InboundTracer",
+    "laminar_remote",
+    "remote_span_context",
     "split_host",
 ]
 
@@ -146,7 +148,22 @@ def split_host(value: str) -> tuple[str, int | None]:
     return host, None
 
 
-def _span_context(remote: LaminarSpanContext) -> SpanContext:
+def laminar_remote(values: Sequence[str | bytes]) -> LaminarSpanContext | None:
+    """The caller's context from the Laminar header's values (at least one): several lines
+    with the same value count as one, different ones as none; an invalid value is logged."""
+    value = values[0]
+    for other in values[1:]:
+        if other != value:
+            log_bad_header("several different values", value)
+            return None
+    remote, reason = parse_with_reason(value)
+    if remote is None and reason:
+        log_bad_header(reason, value)
+    return remote
+
+
+def remote_span_context(remote: LaminarSpanContext) -> SpanContext:
+    """The caller's span context, as a span link names it."""
     return SpanContext(
         trace_id=remote.trace_id,
         span_id=remote.span_id,
@@ -273,7 +290,7 @@ class InboundTracer:
         """The caller's context (Laminar's header, else the global propagator's) as the
         trust policy takes it; when continued, the caller's attributes join `attributes`."""
         values = request.laminar_values
-        remote = self._laminar_remote(values) if values else None
+        remote = laminar_remote(values) if values else None
         if remote is not None:
             decision = self.trust.decide(request.subject)
             if decision == "continue":
@@ -282,7 +299,7 @@ class InboundTracer:
                 attributes.update(association_attributes(remote))
                 return _Parent(remote_parent_context(remote, _ROOT), None, remote, None)
             if decision == "restart":
-                return _Parent(_ROOT, [Link(_span_context(remote))], None, None)
+                return _Parent(_ROOT, [Link(remote_span_context(remote))], None, None)
             return _NEW_TRACE
         extracted = self._extract(request.carrier, request.getter)
         if not extracted:
@@ -323,7 +340,7 @@ class InboundTracer:
         policy says `continue`.
         """
         values = request.laminar_values
-        remote = self._laminar_remote(values) if values else None
+        remote = laminar_remote(values) if values else None
         parent = getattr(span, "parent", None)
         bridge = active_bridge()
         attributes: dict[str, AttributeValue] = {}
@@ -359,18 +376,6 @@ class InboundTracer:
             self._processor_ready = True
             with _ADDING_PROCESSOR:
                 ensure_path_processor(provider)
-
-    @staticmethod
-    def _laminar_remote(values: Sequence[str | bytes]) -> LaminarSpanContext | None:
-        value = values[0]
-        for other in values[1:]:
-            if other != value:
-                log_bad_header("several different values", value)
-                return None
-        remote, reason = parse_with_reason(value)
-        if remote is None and reason:
-            log_bad_header(reason, value)
-        return remote
 
     @staticmethod
     def _extract(carrier: Any, getter: Getter[Any]) -> Context | None:

@@ -196,15 +196,37 @@ def _forget_tracer(key: int, ref: weakref.ref[TracerProvider]) -> None:
         del _tracers[key]
 
 
+class _RemoteParent(NonRecordingSpan):
+    """The caller's span as a parent: non-recording and remote, yet still answering with
+    the caller's Laminar paths and properties as its attributes. So a span that any layer
+    starts under it (a contrib consumer's, a user's) continues the caller's Laminar path
+    through `LaminarPathSpanProcessor`, and a header written under it carries them."""
+
+    __slots__ = ("laminar",)
+    laminar: LaminarSpanContext
+
+    @property
+    def attributes(self) -> dict[str, AttributeValue]:
+        remote = self.laminar
+        attributes = association_attributes(remote)
+        if remote.span_path:
+            attributes[SPAN_PATH] = remote.span_path
+            attributes[SPAN_IDS_PATH] = remote.span_ids_path
+        return attributes
+
+
 def remote_parent_context(remote: LaminarSpanContext, context: Context | None = None) -> Context:
-    """A context whose current span is the remote one: non-recording, remote, sampled."""
+    """A context whose current span is the remote one: non-recording, remote, sampled, and
+    carrying the caller's Laminar paths and properties (see `_RemoteParent`)."""
     span_context = SpanContext(
         trace_id=remote.trace_id,
         span_id=remote.span_id,
         is_remote=True,
         trace_flags=TraceFlags(TraceFlags.SAMPLED),
     )
-    return trace.set_span_in_context(NonRecordingSpan(span_context), context)
+    span = _RemoteParent(span_context)
+    span.laminar = remote
+    return trace.set_span_in_context(span, context)
 
 
 def parent_attributes(remote: LaminarSpanContext) -> dict[str, AttributeValue]:
@@ -477,15 +499,22 @@ def _attributes_option(attributes: object) -> dict[str, AttributeValue]:
     return {}
 
 
-def inject(carrier: MutableMapping[str, str], span: Span | None = None) -> None:
+def inject(
+    carrier: MutableMapping[str, str], span: Span | None = None, *, overwrite: bool = False
+) -> None:
     """Put the current (or given) span's context into a message or headers mapping.
 
-    A value already there is left alone; without a valid span nothing is added.
+    A value already there (either name, any case) is left alone, unless `overwrite`: then
+    it is replaced, as a retried message copied from the running one needs. Without a valid
+    span nothing is added (nor removed).
     """
-    if any(key.lower() in HEADER_NAMES_LOWER for key in carrier):
+    present = [key for key in carrier if key.lower() in HEADER_NAMES_LOWER]
+    if present and not overwrite:
         return
     value = serialize_span_context(span)
     if value is not None:
+        for key in present:
+            del carrier[key]
         carrier[HEADER_NAME] = value
 
 

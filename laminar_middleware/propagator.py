@@ -30,6 +30,7 @@ from ._guard import contained, log_bad_header
 from .codec import HEADER_NAME, HEADER_NAME_ALIAS, HEADER_NAMES_LOWER, parse_with_reason
 from .config import TrustOption, TrustPolicy
 from .context import remote_parent_context, span_context_of
+from .processor import ensure_path_processor
 
 __all__ = ["LaminarPropagator", "global_propagator_without_laminar"]
 
@@ -93,6 +94,9 @@ class LaminarPropagator(TextMapPropagator):
             if reason:
                 log_bad_header(reason, value)
             return context
+        # Whatever layer starts a span under this context (a contrib consumer) gets the
+        # caller's path through the path processor, on the global provider it uses.
+        ensure_path_processor(None)
         return remote_parent_context(remote, context)
 
     def inject(

@@ -121,6 +121,22 @@ def test_inject_keeps_a_value_already_there() -> None:
     assert carrier == {"x-laminar-span-context": "mine"}
 
 
+def test_inject_with_overwrite_replaces_a_value_copied_from_another_message() -> None:
+    tracer = trace.get_tracer("test")
+    carrier = {"x-laminar-span-context": "stale", "Laminar-Span-Context": "stale too", "a": "b"}
+    with tracer.start_as_current_span("producer") as span:
+        inject(carrier, overwrite=True)
+    assert set(carrier) == {HEADER_NAME, "a"}
+    fresh = extract(carrier)
+    assert fresh is not None and fresh.span_id == span.get_span_context().span_id
+
+
+def test_inject_with_overwrite_and_no_span_leaves_the_carrier_alone() -> None:
+    carrier = {"x-laminar-span-context": "kept"}
+    inject(carrier, overwrite=True)
+    assert carrier == {"x-laminar-span-context": "kept"}
+
+
 def test_extract_ambiguous_or_invalid_is_none() -> None:
     a, b = REMOTE.serialize(), LaminarSpanContext(5, 6).serialize()
     assert extract({HEADER_NAME: a, "laminar-span-context": b}) is None

@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from laminar_middleware import (
     HEADER_NAME,
     LaminarPropagator,
     LaminarSpanContext,
+    serialize_span_context,
 )
 
 REMOTE = LaminarSpanContext(0xABC, 0xDEF, ("a",), ("00000000-0000-0000-0000-000000000def",))
@@ -32,6 +34,43 @@ def test_extract_makes_a_remote_parent() -> None:
     span_context = trace.get_current_span(context).get_span_context()
     assert span_context.trace_id == 0xABC and span_context.span_id == 0xDEF
     assert span_context.is_remote and span_context.trace_flags.sampled
+
+
+def test_a_span_any_layer_starts_under_the_extracted_context_continues_the_laminar_path(
+    exporter: InMemorySpanExporter,
+) -> None:
+    # As the contrib Celery consumer (or any contrib consumer) does: extract, then start.
+    caller = LaminarSpanContext(
+        0xABC,
+        0xDEF,
+        ("service-a", "publish job"),
+        ("00000000-0000-0000-0000-000000000001", "00000000-0000-0000-0000-000000000def"),
+        user_id="user-1",
+        session_id="session-2",
+        metadata={"tenant": "acme"},
+    )
+    context = LaminarPropagator().extract({HEADER_NAME: caller.serialize()})
+    with trace.get_tracer("contrib.consumer").start_as_current_span("run job", context):
+        with trace.get_tracer("user").start_as_current_span("step"):
+            header = serialize_span_context()
+    spans = {s.name: dict(s.attributes or {}) for s in exporter.get_finished_spans()}
+    assert spans["run job"]["lmnr.span.path"] == ("service-a", "publish job", "run job")
+    assert spans["run job"]["lmnr.span.ids_path"][:2] == caller.span_ids_path
+    assert spans["step"]["lmnr.span.path"] == ("service-a", "publish job", "run job", "step")
+    for attributes in spans.values():
+        assert attributes["lmnr.association.properties.user_id"] == "user-1"
+        assert attributes["lmnr.association.properties.session_id"] == "session-2"
+        assert attributes["lmnr.association.properties.metadata.tenant"] == "acme"
+    carried = LaminarSpanContext.parse(header)
+    assert carried is not None and carried.span_path[-1] == "step"
+    assert carried.user_id == "user-1"
+
+
+def test_a_header_written_right_under_the_extracted_context_names_the_caller() -> None:
+    context = LaminarPropagator().extract({HEADER_NAME: REMOTE.serialize()})
+    carrier: dict[str, str] = {}
+    LaminarPropagator().inject(carrier, context)
+    assert LaminarSpanContext.parse(carrier[HEADER_NAME]) == REMOTE
 
 
 def test_extract_ignores_bad_and_ambiguous() -> None:

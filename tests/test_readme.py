@@ -98,6 +98,14 @@ def test_python_block_runs_as_written(marker: str, code: str, tmp_path: Path) ->
     if given == "queue":  # the worker's span continued the producer's trace
         (worker,) = [s for s in spans if s["name"] == "summarise"]
         assert worker["trace_id"] == seen["producer_trace_id"]
+    if given == "celery":  # the task ran as the child of its publish, under the handler
+        assert seen["celery"] is True
+        (handler,) = [s for s in spans if s["name"] == "request handler"]
+        (publish,) = [s for s in spans if s["kind"] == "PRODUCER"]
+        (run,) = [s for s in spans if s["kind"] == "CONSUMER"]
+        assert publish["name"] == "publish readme.summarise"
+        assert publish["parent_id"] == handler["span_id"]
+        assert (run["name"], run["parent_id"]) == ("run readme.summarise", publish["span_id"])
 
 
 def test_make_block_names_real_targets() -> None:

@@ -86,6 +86,8 @@ def main() -> None:
         exec(compile(code, "README block", "exec"), namespace)
         if type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider":
             trace.set_tracer_provider(_provider())
+    if given == "celery":
+        result["celery"] = _publish_and_run(namespace.pop("app"))
     app = namespace.get("app")
     if app is not None:
         is_wsgi = hasattr(app, "wsgi_app") and not hasattr(app, "router")
@@ -115,6 +117,30 @@ def main() -> None:
         for s in EXPORTER.get_finished_spans()
     ]
     print(json.dumps(result))
+
+
+def _publish_and_run(app: Any) -> bool:
+    """The block's Celery app publishes under a span (to Celery's in-memory broker, not the
+    block's Redis) and runs the message it sent, in process; True when the message went."""
+    from celery import signals
+
+    trace.set_tracer_provider(_provider())
+    app.conf.broker_url = "memory://"
+
+    @app.task(name="readme.summarise")
+    def summarise() -> None:
+        pass
+
+    sent: list[dict[str, Any]] = []
+
+    def capture(headers: Any = None, **_: Any) -> None:
+        sent.append(dict(headers))
+
+    signals.before_task_publish.connect(capture, weak=False)
+    with trace.get_tracer("readme").start_as_current_span("request handler"):
+        summarise.delay()
+    summarise.apply(headers=sent[0])
+    return True
 
 
 def _provider() -> TracerProvider:
