@@ -7,7 +7,8 @@ Starlette and FastAPI build their middleware stack at the first request
 built and, if built earlier, at their first request. requests sessions go through the
 class's `send`, so every session is covered; httpx fixes a client's transport when the
 client is built, so only clients built afterwards are. Celery is covered through its
-signals, for every app, and RQ through its queue, job and worker classes.
+signals, for every app, RQ through its queue, job and worker classes, and Dramatiq brokers
+(the global one, and every one built afterwards) get `LaminarMiddleware` first.
 `uninstrument()` restores what it patched; apps and clients instrumented in between keep
 their middleware and hooks.
 """
@@ -90,6 +91,9 @@ def instrument(**options: Any) -> None:
                     hook = importlib.import_module(module, __package__)
                     getattr(hook, f"instrument_{library}")(**chosen)
                     _clients_instrumented.append(module)
+        if _importable("dramatiq"):
+            with contained("instrument dramatiq"):
+                _instrument_dramatiq(queue)
 
 
 def uninstrument() -> None:
@@ -106,6 +110,25 @@ def uninstrument() -> None:
             with contained(f"uninstrument {library}"):
                 hook = importlib.import_module(module, __package__)
                 getattr(hook, f"uninstrument_{library}")()
+
+
+def _instrument_dramatiq(options: dict[str, Any]) -> None:
+    # The global broker if there is one (asking Dramatiq for it would make one), and every
+    # broker built from now on, when its base class has set up its middleware list.
+    from dramatiq import broker
+
+    from .dramatiq import instrument_dramatiq
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            instrument_dramatiq(self, **options)
+
+        return __init__
+
+    _patch("dramatiq.broker", "Broker", "__init__", make)
+    if broker.global_broker is not None:
+        instrument_dramatiq(broker.global_broker, **options)
 
 
 def _inbound_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -197,3 +197,20 @@ def test_a_work_horse_flushes_a_batch_span_processor_before_it_exits(
         queue, redis_socket, WORKER_CLASSES[0], tmp_path, LAMINAR_TEST_BATCH="1"
     )
     assert {s["name"] for s in spans} >= {"run support.rq_jobs.add", "inside add"}
+
+
+def test_instrument_covers_rq_and_uninstrument_restores_it() -> None:
+    code = """
+from rq.queue import Queue
+from rq.worker import BaseWorker
+originals = (Queue.enqueue_job, BaseWorker.perform_job)
+import laminar_middleware
+laminar_middleware.instrument()
+assert Queue.enqueue_job is not originals[0] and BaseWorker.perform_job is not originals[1]
+assert Queue.enqueue_job.__wrapped__ is originals[0]
+laminar_middleware.uninstrument()
+assert (Queue.enqueue_job, BaseWorker.perform_job) == originals
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr

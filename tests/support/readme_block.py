@@ -90,6 +90,8 @@ def main() -> None:
         result["celery"] = _publish_and_run(namespace.pop("app"))
     if given == "rq":
         result["rq"] = _enqueue_and_work()
+    if given == "dramatiq":
+        result["dramatiq"] = _send_and_work(namespace.pop("broker"))
     app = namespace.get("app")
     if app is not None:
         is_wsgi = hasattr(app, "wsgi_app") and not hasattr(app, "router")
@@ -163,6 +165,35 @@ def _enqueue_and_work() -> bool:
         finally:
             connection.shutdown()
     return True
+
+
+def _send_and_work(broker: Any) -> bool:
+    """The block's broker has the middleware first; a message then goes through Dramatiq's
+    in-memory broker set up the same way (the block's Redis is not there), run by a real
+    Dramatiq worker in this process. True when both held."""
+    import dramatiq
+    from dramatiq.brokers.stub import StubBroker
+
+    from laminar_middleware.dramatiq import LaminarMiddleware, instrument_dramatiq
+
+    first = isinstance(broker.middleware[0], LaminarMiddleware)
+    trace.set_tracer_provider(_provider())
+    stub = StubBroker()
+    dramatiq.set_broker(stub)
+    instrument_dramatiq(stub)
+
+    @dramatiq.actor(actor_name="readme.summarise", broker=stub)
+    def summarise() -> None:
+        pass
+
+    with trace.get_tracer("readme").start_as_current_span("request handler"):
+        summarise.send()
+    worker = dramatiq.Worker(stub, worker_timeout=100)
+    worker.start()
+    stub.join(summarise.queue_name, timeout=10_000)
+    worker.join()
+    worker.stop()
+    return first
 
 
 def _provider() -> TracerProvider:
