@@ -20,7 +20,7 @@ arguments: those show up in worker logs and task results.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, Final, NamedTuple
 
 from opentelemetry import context as otel_context
@@ -59,7 +59,7 @@ from .context import (
 from .processor import ensure_path_processor
 from .propagator import global_propagator_without_laminar
 
-__all__ = ["ConsumerRun", "IncomingMessage", "OutgoingMessage", "QueueTracer"]
+__all__ = ["ConsumerRun", "IncomingMessage", "OutgoingMessage", "QueueTracer", "retry_count"]
 
 _ROOT: Final = Context()
 _INJECTING: Final = contained("the global OpenTelemetry propagator's inject")
@@ -114,7 +114,10 @@ class QueueTracer:
         self._provider = checked_provider(tracer_provider)
         self.trust = trust if isinstance(trust, TrustPolicy) else TrustPolicy(trust)
 
-    def _tracer(self, bridge: LaminarBridge | None, context: Context | None) -> Tracer:
+    def _tracer(
+        self, bridge: LaminarBridge | None, context: Context | None
+    ) -> tuple[Tracer, TracerProvider | None]:
+        """The tracer for a span, and its provider (None: the global one)."""
         provider = self._provider
         if provider is None:
             # Where the current request's spans go, else Laminar's SDK's: a span's parent
@@ -124,7 +127,7 @@ class QueueTracer:
                 provider = bridge.tracer_provider()
         with _ADDING_PROCESSOR:
             ensure_path_processor(provider)
-        return get_tracer(provider)
+        return get_tracer(provider), provider
 
     def publish(self, message: OutgoingMessage) -> Span | None:
         """Write the message's headers, under a PRODUCER span of ours unless another layer
@@ -146,9 +149,8 @@ class QueueTracer:
         paths = laminar_paths(current, inherited)
         parent_path, parent_ids = paths if paths is not None else ((), ())
         context = otel_context.get_current()
-        span = self._tracer(active_bridge(), context).start_span(
-            name, context, SpanKind.PRODUCER, attributes
-        )
+        tracer, _ = self._tracer(active_bridge(), context)
+        span = tracer.start_span(name, context, SpanKind.PRODUCER, attributes)
         try:
             set_path_attributes(span, name, parent_path, parent_ids)
             _write_headers(message.headers, span)
@@ -170,21 +172,30 @@ class QueueTracer:
         attributes = self._attributes(message, "process")
         attributes.update(message.attributes)
         parent, links, continued = self._parent(remote, headers)
+        parent_path: Sequence[str] = ()
+        parent_ids: Sequence[str] = ()
         if continued is not None:
             if bridge is not None:
                 attributes.update(parent_attributes(continued))
             attributes.update(association_attributes(continued))
-        span = self._tracer(bridge, None).start_span(
-            name, parent, SpanKind.CONSUMER, attributes, links
-        )
-        parent_path = () if continued is None else continued.span_path
-        parent_ids = () if continued is None else continued.span_ids_path
+            parent_path, parent_ids = continued.span_path, continued.span_ids_path
+        elif parent is None:
+            # No context in the message: run in the current one (an eager `apply()`, a
+            # synchronous queue), where the task's caller is.
+            parent = otel_context.get_current()
+            inherited = attributes_of(current)
+            for key, value in inherited.items():
+                if key.startswith(ASSOCIATION_PREFIX):
+                    attributes[key] = value
+            parent_path, parent_ids = laminar_paths(current, inherited) or ((), ())
+        tracer, provider = self._tracer(bridge, parent)
+        span = tracer.start_span(name, parent, SpanKind.CONSUMER, attributes, links)
         try:
             set_path_attributes(span, name, parent_path, parent_ids)
         except BaseException:
             span.end()
             raise
-        return ConsumerRun(span, continued, bridge, owned=True)
+        return ConsumerRun(span, continued, bridge, owned=True, provider=provider)
 
     def _attributes(self, message: OutgoingMessage | IncomingMessage, operation: str) -> Any:
         attributes: dict[str, AttributeValue] = {
@@ -199,8 +210,9 @@ class QueueTracer:
 
     def _parent(
         self, remote: LaminarSpanContext | None, headers: Mapping[str, Any]
-    ) -> tuple[Context, list[Link] | None, LaminarSpanContext | None]:
-        """The span's parent context, its links, and the Laminar context it continues."""
+    ) -> tuple[Context | None, list[Link] | None, LaminarSpanContext | None]:
+        """The span's parent context (None: the message carries none), its links, and the
+        Laminar context it continues. A context the trust policy refuses is a new trace."""
         if remote is not None:
             decision = self.trust.decide(headers)
             if decision == "continue":
@@ -209,11 +221,9 @@ class QueueTracer:
                 return _ROOT, [Link(remote_span_context(remote))], None
             return _ROOT, None, None
         extracted = _extract(headers)
-        if extracted is None:
-            return _ROOT, None, None
-        span_context = trace.get_current_span(extracted).get_span_context()
-        if not span_context.is_valid:
-            return _ROOT, None, None
+        span_context = trace.get_current_span(extracted).get_span_context() if extracted else None
+        if extracted is None or span_context is None or not span_context.is_valid:
+            return None, None, None
         decision = self.trust.decide(headers)
         if decision == "continue":
             return extracted, None, None
@@ -250,6 +260,12 @@ class QueueTracer:
         return ConsumerRun(span, remote, bridge, owned=False)
 
 
+def retry_count(value: object) -> int:
+    """A retry count read from a message, fit for an attribute: a hostile int beyond 64
+    bits would fail the span's export, anything else is 0."""
+    return min(value, 1 << 31) if type(value) is int and value >= 0 else 0
+
+
 def _is_laminar_key(key: object) -> bool:
     return isinstance(key, str) and key.lower() in HEADER_NAMES_LOWER
 
@@ -278,7 +294,7 @@ def _extract(headers: Mapping[str, Any]) -> Context | None:
 class ConsumerRun:
     """One run of a task: its CONSUMER span, current while the task body runs."""
 
-    __slots__ = ("_bridge", "_remote", "_tokens", "owned", "span")
+    __slots__ = ("_bridge", "_remote", "_tokens", "owned", "provider", "span")
 
     def __init__(
         self,
@@ -287,8 +303,11 @@ class ConsumerRun:
         bridge: LaminarBridge | None,
         *,
         owned: bool,
+        provider: TracerProvider | None = None,
     ) -> None:
         self.span = span
+        # Where the span goes (None: the global provider), for a process that must flush.
+        self.provider = provider
         self._remote = remote
         self._bridge = bridge
         # False: another layer's span, which that layer makes current, ends and marks.
@@ -311,6 +330,13 @@ class ConsumerRun:
             return
         self.span.record_exception(exc, escaped=True)
         self.span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+    def abandon(self) -> None:
+        """End the span without detaching: for a run whose end never came, from a thread
+        that is not the run's own (its context is not this thread's to change)."""
+        self._tokens = None
+        if self.owned:
+            self.span.end()
 
     def end(self) -> None:
         tokens, self._tokens = self._tokens, None

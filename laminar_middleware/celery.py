@@ -35,7 +35,7 @@ from typing import Any, Final
 from opentelemetry.trace import Span, TracerProvider
 
 from ._guard import contained, log_bad_setting
-from ._queue import ConsumerRun, IncomingMessage, OutgoingMessage, QueueTracer
+from ._queue import ConsumerRun, IncomingMessage, OutgoingMessage, QueueTracer, retry_count
 from .codec import HEADER_NAME, HEADER_NAME_ALIAS
 from .config import TrustOption, tolerant_options
 
@@ -178,8 +178,11 @@ def _before_publish(
         task_id = headers.get("id")
         message = OutgoingMessage(name, routing_key or None, _text(task_id), headers)
         span = tracer.publish(message)
-        if span is not None and isinstance(task_id, str):
-            _remember(task_id, span)
+        if span is not None:
+            if isinstance(task_id, str):
+                _remember(task_id, span)
+            else:
+                span.end()  # no id to find it by after the publish (task protocol 1)
 
 
 def _remember(task_id: str, span: Span) -> None:
@@ -216,7 +219,7 @@ def _prerun(signal: Any = None, task_id: Any = None, task: Any = None, **_: Any)
             _text(delivery.get("routing_key")),
             _text(task_id),
             _headers_of(request),
-            {"celery.retries": int(getattr(request, "retries", 0) or 0)},
+            {"celery.retries": retry_count(getattr(request, "retries", 0))},
         )
         run = tracer.consume(message)
         run.attach()

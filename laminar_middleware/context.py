@@ -508,7 +508,7 @@ def inject(
     it is replaced, as a retried message copied from the running one needs. Without a valid
     span nothing is added (nor removed).
     """
-    present = [key for key in carrier if key.lower() in HEADER_NAMES_LOWER]
+    present = [k for k in carrier if isinstance(k, str) and k.lower() in HEADER_NAMES_LOWER]
     if present and not overwrite:
         return
     value = serialize_span_context(span)

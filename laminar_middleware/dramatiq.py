@@ -29,7 +29,7 @@ from dramatiq.middleware import Middleware
 from opentelemetry.trace import Span, TracerProvider
 
 from ._guard import contained
-from ._queue import ConsumerRun, IncomingMessage, OutgoingMessage, QueueTracer
+from ._queue import ConsumerRun, IncomingMessage, OutgoingMessage, QueueTracer, retry_count
 from .config import TrustOption, tolerant_options
 
 __all__ = ["OPTIONS_KEY", "LaminarMiddleware", "instrument_dramatiq"]
@@ -51,8 +51,10 @@ class LaminarMiddleware(Middleware):
     ) -> None:
         self._tracer = QueueTracer("dramatiq", tracer_provider=tracer_provider, trust=trust)
         self._lock = threading.Lock()
-        self._publishing: dict[str, Span] = {}
-        self._running: dict[str, ConsumerRun] = {}
+        self._publishing: dict[Any, Span] = {}
+        # By thread and message: a retry keeps the message's id, and another worker thread
+        # may start it before this one's after-hooks have run.
+        self._running: dict[Any, ConsumerRun] = {}
 
     def before_enqueue(self, broker: Broker, message: Any, delay: Any) -> None:
         with _PUBLISHING:
@@ -66,12 +68,14 @@ class LaminarMiddleware(Middleware):
             if headers:
                 options[OPTIONS_KEY] = headers
             if span is not None:
-                _keep(self._lock, self._publishing, str(message.message_id), span)
+                stale = _keep(self._lock, self._publishing, _key(message), span)
+                if stale is not None:
+                    stale.end()
 
     def after_enqueue(self, broker: Broker, message: Any, delay: Any) -> None:
         with _PUBLISHED:
             with self._lock:
-                span = self._publishing.pop(str(message.message_id), None)
+                span = self._publishing.pop(_key(message), None)
             if span is not None:
                 span.end()
 
@@ -84,18 +88,20 @@ class LaminarMiddleware(Middleware):
                 str(message.queue_name),
                 str(message.message_id),
                 found if isinstance(found, dict) else {},
-                {"dramatiq.retries": retries if isinstance(retries, int) else 0},
+                {"dramatiq.retries": retry_count(retries)},
             )
             run = self._tracer.consume(incoming)
             run.attach()
-            _keep(self._lock, self._running, str(message.message_id), run)
+            stale = _keep(self._lock, self._running, _key(message), run)
+            if stale is not None:
+                stale.abandon()
 
     def after_process_message(
         self, broker: Broker, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
         with _ENDING:
             with self._lock:
-                run = self._running.pop(str(message.message_id), None)
+                run = self._running.pop(_key(message), None)
             if run is None:
                 return
             try:
@@ -108,14 +114,19 @@ class LaminarMiddleware(Middleware):
         self.after_process_message(broker, message)
 
 
-def _keep(lock: threading.Lock, pending: dict[str, Any], key: str, value: Any) -> None:
+def _key(message: Any) -> tuple[int, str]:
+    # The hooks of one message's enqueue, and of one run, come in one thread.
+    return threading.get_ident(), str(message.message_id)
+
+
+def _keep(lock: threading.Lock, pending: dict[Any, Any], key: Any, value: Any) -> Any:
+    """Keep `value`; returns what it displaced, or the oldest entry past the bound."""
     with lock:
         stale = pending.pop(key, None)
         pending[key] = value
         if len(pending) > _MAX_PENDING:
             stale = pending.pop(next(iter(pending)))
-    if stale is not None:
-        stale.end()
+    return stale
 
 
 @tolerant_options

@@ -29,7 +29,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, TracerProvider
 
 from ._guard import contained
-from ._queue import ConsumerRun, IncomingMessage, OutgoingMessage, QueueTracer
+from ._queue import ConsumerRun, IncomingMessage, OutgoingMessage, QueueTracer, retry_count
 from .config import TrustOption, tolerant_options
 
 __all__ = ["META_KEY", "instrument_rq", "uninstrument_rq"]
@@ -141,7 +141,8 @@ def _perform_job(original: Callable[..., Any]) -> Callable[..., Any]:
                 if getattr(self, "_is_horse", False):
                     # The work horse leaves with os._exit(): no exit handler flushes.
                     with _FLUSHING:
-                        flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+                        provider = run.provider or trace.get_tracer_provider()
+                        flush = getattr(provider, "force_flush", None)
                         if flush is not None:
                             flush(_FLUSH_MILLIS)
 
@@ -155,7 +156,7 @@ def _start(job: Any, queue: Any) -> ConsumerRun | None:
     found = job.meta.get(META_KEY)
     headers = found if isinstance(found, dict) else {}
     retries_left = getattr(job, "retries_left", None)
-    attributes = {} if retries_left is None else {"rq.retries_left": int(retries_left)}
+    attributes = {} if retries_left is None else {"rq.retries_left": retry_count(retries_left)}
     message = IncomingMessage(str(job.func_name), str(queue.name), str(job.id), headers, attributes)
     run = tracer.consume(message)
     run.attach()

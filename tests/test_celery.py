@@ -484,3 +484,18 @@ def console_spans(text: str) -> list[dict[str, Any]]:
         if isinstance(found, dict) and "context" in found:
             spans.append(found)
     return spans
+
+
+def test_a_task_run_in_process_stays_in_the_callers_trace(
+    caller: LaminarSpanContext, app: Any, exporter: InMemorySpanExporter
+) -> None:
+    # `apply()` (and `task_always_eager`) run the task here, with no message headers.
+    from support.celery_app import add
+
+    with continue_trace(caller.serialize(), "handler") as handler:
+        assert add.apply((2, 3)).get() == 5
+    (run,) = [s for s in exporter.get_finished_spans() if s.kind.name == "CONSUMER"]
+    assert run.parent is not None and run.parent.span_id == handler.get_span_context().span_id
+    attributes = dict(run.attributes or {})
+    assert attributes["lmnr.span.path"] == ("caller", "handler", "run tests.add")
+    assert attributes["lmnr.association.properties.user_id"] == "user-7"

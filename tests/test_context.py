@@ -131,6 +131,14 @@ def test_inject_with_overwrite_replaces_a_value_copied_from_another_message() ->
     assert fresh is not None and fresh.span_id == span.get_span_context().span_id
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_inject_into_a_carrier_with_keys_that_are_not_strings(overwrite: bool) -> None:
+    carrier: dict[Any, Any] = {1: "one", b"x-laminar-span-context": "bytes"}
+    with trace.get_tracer("test").start_as_current_span("producer"):
+        inject(carrier, overwrite=overwrite)
+    assert carrier[1] == "one" and HEADER_NAME in carrier
+
+
 def test_inject_with_overwrite_and_no_span_leaves_the_carrier_alone() -> None:
     carrier = {"x-laminar-span-context": "kept"}
     inject(carrier, overwrite=True)

@@ -190,3 +190,46 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_retry_started_in_another_thread_before_the_tries_end_keeps_both_runs_apart(
+    caller: LaminarSpanContext, exporter: InMemorySpanExporter
+) -> None:
+    # Dramatiq keeps a message's id across retries; a second worker thread may begin the
+    # retry before the first thread's after-hooks have run.
+    import threading
+
+    from dramatiq import Message
+    from dramatiq.brokers.stub import StubBroker
+
+    broker = StubBroker()
+    middleware = LaminarMiddleware()
+    message = Message(
+        queue_name="q", actor_name="a", args=(), kwargs={}, options={}, message_id="same-id"
+    )
+    events: dict[str, threading.Event] = {k: threading.Event() for k in ("a", "b", "a_done")}
+
+    def first_try() -> None:
+        middleware.before_process_message(broker, message)
+        events["a"].set()
+        events["b"].wait(5)
+        middleware.after_process_message(broker, message, exception=ValueError("try 1"))
+        events["a_done"].set()
+
+    def retry() -> None:
+        events["a"].wait(5)
+        middleware.before_process_message(broker, message)
+        events["b"].set()
+        events["a_done"].wait(5)
+        middleware.after_process_message(broker, message)
+
+    threads = [threading.Thread(target=first_try), threading.Thread(target=retry)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    runs = [s for s in exporter.get_finished_spans() if s.kind.name == "CONSUMER"]
+    first, second = sorted(runs, key=lambda r: r.start_time or 0)
+    # Each try ends with its own outcome, the retry only after the first try's end.
+    assert (first.status.status_code.name, second.status.status_code.name) == ("ERROR", "UNSET")
+    assert (second.end_time or 0) > (first.end_time or 0)
