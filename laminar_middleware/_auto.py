@@ -169,9 +169,19 @@ def _patch(
     cls = getattr(importlib.import_module(module_name), class_name)
     # Patch the class that defines the method: contrib instrumentors replace the public
     # name with a subclass, which calls this one.
+    patch_method(cls, attribute, make, _patched)
+
+
+def patch_method(
+    cls: type,
+    attribute: str,
+    make: Callable[[Callable[..., Any]], Callable[..., Any]],
+    patched: list[tuple[type, str, Callable[..., Any]]],
+) -> None:
+    """Replace `cls.attribute` by `make(original)`, noting in `patched` what undoes it."""
     original = cls.__dict__[attribute]
     setattr(cls, attribute, functools.wraps(original)(make(original)))
-    _patched.append((cls, attribute, original))
+    patched.append((cls, attribute, original))
 
 
 def _first(

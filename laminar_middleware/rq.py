@@ -20,7 +20,6 @@ the processes that enqueue.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable
 from typing import Any, Final
@@ -28,6 +27,7 @@ from typing import Any, Final
 from opentelemetry import trace
 from opentelemetry.trace import Span, TracerProvider
 
+from ._auto import patch_method
 from ._guard import contained
 from ._queue import ConsumerRun, IncomingMessage, OutgoingMessage, QueueTracer, retry_count
 from .config import TrustOption, tolerant_options
@@ -62,10 +62,10 @@ def instrument_rq(
             _tracer = QueueTracer("rq", tracer_provider=tracer_provider, trust=trust)
             if _patched:
                 return
-            _patch(Queue, "enqueue_job", _enqueue_job)
-            _patch(Job, "retry", _retry)
-            _patch(Job, "perform", _perform)
-            _patch(BaseWorker, "perform_job", _perform_job)
+            patch_method(Queue, "enqueue_job", _enqueue_job, _patched)
+            patch_method(Job, "retry", _retry, _patched)
+            patch_method(Job, "perform", _perform, _patched)
+            patch_method(BaseWorker, "perform_job", _perform_job, _patched)
 
 
 def uninstrument_rq() -> None:
@@ -76,12 +76,6 @@ def uninstrument_rq() -> None:
         while _patched:
             cls, name, original = _patched.pop()
             setattr(cls, name, original)
-
-
-def _patch(cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    original = cls.__dict__[name]
-    setattr(cls, name, functools.wraps(original)(make(original)))
-    _patched.append((cls, name, original))
 
 
 def _publish(job: Any, queue: Any) -> Span | None:

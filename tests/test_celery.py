@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import sys
 import time
 from collections.abc import Iterator
@@ -18,27 +17,16 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from support.celery_worker import broker_url, celery_process, worker_command
 from support.redis_broker import running_redis
 from support.span_file import wait_for_file_spans
+from support.workers import random_caller
 
 from laminar_middleware import LaminarSpanContext, continue_trace
 from laminar_middleware.celery import instrument_celery, uninstrument_celery
 from laminar_middleware.codec import format_uuid
 
-pytest.importorskip("celery")
-
 
 @pytest.fixture
 def caller() -> LaminarSpanContext:
-    """A caller's context in a trace of the test's own (the worker's span file is shared)."""
-    span_id = random.getrandbits(63) + 1
-    return LaminarSpanContext(
-        trace_id=random.getrandbits(127) + 1,
-        span_id=span_id,
-        span_path=("caller",),
-        span_ids_path=(format_uuid(span_id),),
-        user_id="user-7",
-        session_id="session-9",
-        metadata={"tenant": "acme"},
-    )
+    return random_caller()
 
 
 @pytest.fixture(scope="module")

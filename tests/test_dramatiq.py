@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,9 +15,9 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support.redis_broker import running_redis
 from support.span_file import wait_for_file_spans
+from support.workers import random_caller, stop
 
 from laminar_middleware import LaminarSpanContext, continue_trace
-from laminar_middleware.codec import format_uuid
 from laminar_middleware.dramatiq import OPTIONS_KEY, LaminarMiddleware
 
 TESTS = Path(__file__).parent
@@ -57,26 +56,14 @@ def worker(redis_socket: str, actors: Any, tmp_path_factory: Any) -> Iterator[Pa
     try:
         yield spans
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop(process)
         log.close()
     assert "laminar_middleware: internal error" not in spans.with_suffix(".log").read_text()
 
 
 @pytest.fixture
 def caller() -> LaminarSpanContext:
-    span_id = random.getrandbits(63) + 1
-    return LaminarSpanContext(
-        trace_id=random.getrandbits(127) + 1,
-        span_id=span_id,
-        span_path=("caller",),
-        span_ids_path=(format_uuid(span_id),),
-        user_id="user-7",
-    )
+    return random_caller()
 
 
 def in_trace(spans: list[dict[str, Any]], trace_id: int) -> list[dict[str, Any]]:

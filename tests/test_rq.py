@@ -17,9 +17,9 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support.redis_broker import running_redis
 from support.span_file import read_spans
+from support.workers import random_caller
 
 from laminar_middleware import LaminarSpanContext, continue_trace
-from laminar_middleware.codec import format_uuid
 from laminar_middleware.rq import META_KEY, instrument_rq, uninstrument_rq
 
 TESTS = Path(__file__).parent
@@ -45,14 +45,7 @@ def queue(redis_socket: str) -> Iterator[Any]:
 
 @pytest.fixture
 def caller() -> LaminarSpanContext:
-    span_id = random.getrandbits(63) + 1
-    return LaminarSpanContext(
-        trace_id=random.getrandbits(127) + 1,
-        span_id=span_id,
-        span_path=("caller",),
-        span_ids_path=(format_uuid(span_id),),
-        user_id="user-7",
-    )
+    return random_caller()
 
 
 def run_burst_worker(

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from support.workers import stop
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -53,12 +55,7 @@ def celery_process(
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop(process)
         log.close()
 
 
