@@ -25,11 +25,20 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 GROUPS = ("asgi", "wsgi", "httpx", "requests")
 VARIANTS = ("bare", "laminar", "contrib", "floor")
 TARGETS = {"asgi": 0.5, "wsgi": 0.5, "httpx": 0.7, "requests": 0.7}
+# The queue groups (queues.py): no floor; contrib has no Dramatiq instrumentation.
+QUEUE_VARIANTS = {
+    "celery_publish": ("bare", "laminar", "contrib"),
+    "celery_consume": ("bare", "laminar", "contrib"),
+    "dramatiq_publish": ("bare", "laminar"),
+    "dramatiq_consume": ("bare", "laminar"),
+}
+QUEUE_TARGET = 0.7
 WARM_UP = 100
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -37,8 +46,9 @@ _COLLECTED = re.compile(r"Collected : (\d+)")
 _CHILD = """
 import sys
 sys.path.insert(0, {here!r})
-import run
-runner = getattr(run, {group!r} + "_runners")()[{variant!r}]
+import queues, run
+builder = getattr(queues, {group!r} + "_runners", None) or getattr(run, {group!r} + "_runners")
+runner = builder()[{variant!r}]
 runner({warm_up})
 if {calls}:
     runner({calls})
@@ -74,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     jobs = [(g, v) for g in GROUPS for v in VARIANTS]
+    jobs += [(g, v) for g, variants in QUEUE_VARIANTS.items() for v in variants]
     with ThreadPoolExecutor(max_workers=2) as pool:  # each job is one valgrind process
         measured = pool.map(lambda job: per_call(*job, args.calls), jobs)
         counts = dict(zip(jobs, measured, strict=True))
@@ -104,9 +115,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{floor / 1e3:8.0f} {ratio:6.2f} {TARGETS[group]:6.2f}  "
             f"{'pass' if passed else 'FAIL':6}  {floor_ratio:11.2f}"
         )
+    queue_results = queue_table(counts)
     if args.out is not None:
-        args.out.write_text(json.dumps({"calls": args.calls, "groups": results}, indent=2) + "\n")
+        everything = {"calls": args.calls, "groups": results, "queues": queue_results}
+        args.out.write_text(json.dumps(everything, indent=2) + "\n")
     return 0
+
+
+def queue_table(counts: dict[tuple[str, str], float]) -> dict[str, dict[str, Any]]:
+    print("\nInstructions per message, overhead over bare, thousands (valgrind callgrind)")
+    print(f"{'':17} {'bare':>8} {'laminar':>8} {'contrib':>8} {'ratio':>6} {'target':>6}  result")
+    results: dict[str, dict[str, Any]] = {}
+    for group, variants in QUEUE_VARIANTS.items():
+        bare = counts[(group, "bare")]
+        ours = counts[(group, "laminar")] - bare
+        entry: dict[str, Any] = {"bare": bare, "laminar_overhead": ours}
+        line = f"{group.replace('_', ' '):17} {bare / 1e3:8.0f} {ours / 1e3:8.0f} "
+        if "contrib" in variants:
+            contrib = counts[(group, "contrib")] - bare
+            ratio = ours / contrib
+            passed = ratio <= QUEUE_TARGET
+            entry.update(contrib_overhead=contrib, ratio=ratio, target=QUEUE_TARGET, passed=passed)
+            verdict = "pass" if passed else "FAIL"
+            line += f"{contrib / 1e3:8.0f} {ratio:6.2f} {QUEUE_TARGET:6.2f}  {verdict}"
+        else:
+            line += f"{'-':>8} {'-':>6} {'-':>6}  -"
+        results[group] = entry
+        print(line)
+    return results
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ runs in this process, with no network:
   instrumentors. The calls are made inside a span, as in a request handler.
 - Codec: `LaminarSpanContext.parse` against `json.loads`, `serialize` against `json.dumps`,
   on a typical 300-byte header and on a 4 KiB one.
+- Queues (`queues.py`): publishing and consuming one Celery and one Dramatiq message on
+  the engines' in-memory transports, against contrib's Celery instrumentation.
 - Memory: many requests through each of this package's middlewares and hooks, under
   `tracemalloc`; the growth of traced memory must be flat.
 
@@ -562,10 +564,13 @@ def versions() -> dict[str, str]:
         "opentelemetry-instrumentation-wsgi",
         "opentelemetry-instrumentation-httpx",
         "opentelemetry-instrumentation-requests",
+        "opentelemetry-instrumentation-celery",
         "starlette",
         "flask",
         "httpx",
         "requests",
+        "celery",
+        "dramatiq",
     ):
         try:
             found[name] = metadata.version(name)
@@ -621,6 +626,7 @@ def table(results: dict[str, Any]) -> str:
 
 def failed_targets(results: dict[str, Any]) -> list[str]:
     failed = [g for g in ("asgi", "wsgi", "httpx", "requests") if not results[g]["pass"]]
+    failed += [g for g, r in results["queues"].items() if r["passed"] is False]
     failed += [f"codec {name}" for name, r in results["codec"].items() if not r["pass"]]
     failed += [
         f"memory {g}"
@@ -673,6 +679,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("Per-request time, interleaved rounds:", flush=True)
     for group, runners in groups.items():
         results[group] = compare(group, runners, settings, targets[group])
+    from queues import QUEUE_GROUPS, compare_queue, queue_table
+
+    print(f"Per-message time, interleaved rounds: ({time.perf_counter() - started:.0f} s so far)")
+    results["queues"] = {
+        group: compare_queue(group, build(), settings) for group, build in QUEUE_GROUPS.items()
+    }
     print(f"Codec: ({time.perf_counter() - started:.0f} s so far)", flush=True)
     results["codec"] = codec_results(settings)
     print(f"Memory: ({time.perf_counter() - started:.0f} s so far)", flush=True)
@@ -682,6 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - started, 1)
 
     print(table(results))
+    print("\n".join(queue_table(results["queues"])))
     print()
     print("All targets met." if not failed else f"Targets missed: {', '.join(failed)}")
     print(f"{results['seconds']} s; results written to {args.out}")

@@ -55,6 +55,24 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     for entry in results["codec"].values():
         assert entry["laminar_us"] > 0 and entry["json_us"] > 0
     assert isinstance(results["failed_targets"], list)
+    assert "Per-message overhead" in done.stdout
+    queues = results["queues"]
+    assert set(queues) == {
+        "celery publish",
+        "celery consume",
+        "dramatiq publish",
+        "dramatiq consume",
+    }
+    for group, section in queues.items():
+        engine = group.split()[0]
+        expected = {"bare", "laminar", "contrib"} if engine == "celery" else {"bare", "laminar"}
+        assert set(section["variants"]) == expected
+        assert section["variants"]["bare"]["median_us"] > 0
+        assert isinstance(section["variants"]["laminar"]["overhead_us"], float)
+        if engine == "celery":
+            assert isinstance(section["ratio"], float) and isinstance(section["passed"], bool)
+        else:
+            assert section["ratio"] is None and section["passed"] is None
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -85,3 +103,42 @@ def test_the_floor_records_the_same_span_as_ours(
     assert floor.name == ours.name and floor.kind == ours.kind
     assert set(floor.attributes or {}) == set(ours.attributes or {})
     assert "lmnr.span.ids_path" in (floor.attributes or {})
+
+
+@pytest.mark.parametrize(
+    ("group", "kind"),
+    [
+        ("celery_publish", "PRODUCER"),
+        ("celery_consume", "CONSUMER"),
+        ("dramatiq_publish", "PRODUCER"),
+        ("dramatiq_consume", "CONSUMER"),
+    ],
+)
+def test_the_queue_benchmarks_measure_real_spans(
+    group: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each instrumented variant records one span of the kind it claims per message, in
+    the caller's trace, and the bare one records none: the numbers measure the work."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import queues
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    exporter = InMemorySpanExporter()
+    shared = TracerProvider()
+    shared.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(run, "_SHARED_PROVIDER", shared)
+    runners = getattr(queues, f"{group}_runners")()
+    for variant, runner in runners.items():
+        exporter.clear()
+        runner(3)
+        spans = [s for s in exporter.get_finished_spans() if s.kind.name == kind]
+        if variant == "bare":
+            assert spans == [], variant
+            continue
+        assert len(spans) == 3, variant
+        for span in spans:
+            assert span.context is not None and span.context.trace_id == run.TRACE_ID, variant
+        if variant == "laminar":
+            assert all("lmnr.span.path" in (s.attributes or {}) for s in spans)
