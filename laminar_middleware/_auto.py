@@ -50,7 +50,9 @@ def instrument(**options: Any) -> None:
     """Carry the Laminar header in and out of every app and client from now on.
 
     Options are those of the middlewares and hooks (`tracer_provider`, `excluded_paths`,
-    `trust`, `header_names`, `propagate_to`, `client_spans`); unset ones come from
+    `trust`, `header_names`, `propagate_to`, `client_spans` and the four hooks,
+    `server_request_hook`, `server_response_hook`, `client_request_hook`,
+    `client_response_hook`); unset ones come from
     `LAMINAR_TRUST`, `LAMINAR_EXCLUDED_PATHS` and `LAMINAR_PROPAGATE_TO`. A bad value is
     logged once and the safe default used: this never stops the application from starting.
     A second call keeps the first call's options (`uninstrument()` first to change them).

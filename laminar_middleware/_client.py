@@ -53,9 +53,12 @@ from ._http import KNOWN_METHODS, exception_type
 from ._lmnr import active_bridge
 from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid, trusted_context
 from .config import (
+    ClientRequestHook,
+    ClientResponseHook,
     PropagateToOption,
     PropagationTargets,
     checked_flag,
+    checked_hook,
     checked_provider,
     is_signed_request,
 )
@@ -207,6 +210,8 @@ _RESPONDING: Final = contained("outbound response")
 _RECORDING_ERROR: Final = contained("outbound error")
 _ENDING: Final = contained("outbound span end")
 _WRAPPING: Final = contained("outbound response wrapper")
+_REQUEST_HOOK: Final = contained("client_request_hook", theirs=True)
+_RESPONSE_HOOK: Final = contained("client_response_hook", theirs=True)
 
 
 class Call:
@@ -214,11 +219,13 @@ class Call:
     context token. Every method is safe to call in any state and contains its own
     failures: these are the adapters' boundaries after the send."""
 
-    __slots__ = ("_ended", "injected", "key", "span", "token")
+    __slots__ = ("_ended", "injected", "key", "response_hook", "span", "token")
 
     def __init__(self, key: object) -> None:
         self.key = key
         self.span: Span | None = None
+        # Called once, with the first response, when our span records.
+        self.response_hook: ClientResponseHook | None = None
         self.injected: dict[str, str] = {}
         self.token: object = None
         self._ended = False
@@ -229,11 +236,18 @@ class Call:
         if token is not None:
             otel_context.detach(token)  # type: ignore[arg-type]  # contains its own failures
 
-    def respond(self, status_code: object) -> None:
-        """The response's status line has arrived."""
-        if self.span is not None and isinstance(status_code, int):
+    def respond(self, status_code: object, response: object = None) -> None:
+        """The response (the library's own object) has arrived, with this status code."""
+        span = self.span
+        if span is None:
+            return
+        if isinstance(status_code, int):
             with _RESPONDING:
-                _set_status_code(self.span, status_code)
+                _set_status_code(span, status_code)
+        hook, self.response_hook = self.response_hook, None
+        if hook is not None:
+            with _RESPONSE_HOOK:
+                hook(span, self.key, response)
 
     def error(self, exc: BaseException) -> None:
         """The call (or reading its body) raised `exc`."""
@@ -277,10 +291,20 @@ class OutboundHook:
 
     `propagate_to`: see `config.PropagationTargets` (None: `LAMINAR_PROPAGATE_TO`, unset:
     every host). `client_spans=False`: no CLIENT span; the header names the current span.
+    `client_request_hook(span, request)` and `client_response_hook(span, request, response)`
+    get the library's own objects, once per call, when this package's CLIENT span records.
     `enabled` is cleared by uninstrument so any wrapper left behind passes calls through.
     """
 
-    __slots__ = ("_fixed_provider", "_targets", "_tracer", "client_spans", "enabled")
+    __slots__ = (
+        "_fixed_provider",
+        "_request_hook",
+        "_response_hook",
+        "_targets",
+        "_tracer",
+        "client_spans",
+        "enabled",
+    )
 
     def __init__(
         self,
@@ -288,8 +312,12 @@ class OutboundHook:
         tracer_provider: TracerProvider | None = None,
         propagate_to: PropagateToOption = None,
         client_spans: bool = True,
+        client_request_hook: ClientRequestHook | None = None,
+        client_response_hook: ClientResponseHook | None = None,
     ) -> None:
         tracer_provider = checked_provider(tracer_provider)
+        self._request_hook = checked_hook("client_request_hook", client_request_hook)
+        self._response_hook = checked_hook("client_response_hook", client_response_hook)
         self._tracer = get_tracer(tracer_provider)
         self._fixed_provider = tracer_provider is not None
         # No path processor is added here (the middlewares add it for the spans an app
@@ -359,7 +387,16 @@ class OutboundHook:
         except BaseException:
             call.end()
             raise
+        if span.is_recording():
+            self._hook_request(call, span, request.key)
         return call
+
+    def _hook_request(self, call: Call, span: Span, native_request: object) -> None:
+        call.response_hook = self._response_hook
+        hook = self._request_hook
+        if hook is not None:
+            with _REQUEST_HOOK:
+                hook(span, native_request)
 
     def _start_span(
         self,

@@ -65,6 +65,9 @@ class RateLimitedLogger:
 
 _bad_input = RateLimitedLogger(logger)
 _internal = RateLimitedLogger(logger)
+# The user's own hooks: a separate budget, so a hook raising on every request cannot hide
+# this package's own errors.
+_user_code = RateLimitedLogger(logger)
 
 
 def preview(value: object) -> str:
@@ -115,12 +118,16 @@ def internal_error(where: str, exc_info: ExcInfo = True) -> None:
 class contained:
     """`with contained("what"):` - an `Exception` raised in the block is logged (rate-limited)
     and swallowed; cancellation and exit (`BaseException`) pass. Stateless, so one instance
-    per place can be made once and entered again and again on the hot path."""
+    per place can be made once and entered again and again on the hot path.
 
-    __slots__ = ("what",)
+    `theirs=True` marks a block that runs the user's own code (a hook): its failure is
+    logged as theirs, not as an internal error of this package."""
 
-    def __init__(self, what: str) -> None:
+    __slots__ = ("theirs", "what")
+
+    def __init__(self, what: str, *, theirs: bool = False) -> None:
         self.what = what
+        self.theirs = theirs
 
     # A builtin, so entering runs no Python frame: these blocks sit on every request.
     __enter__ = staticmethod(tuple)
@@ -133,5 +140,12 @@ class contained:
     ) -> bool:
         if kind is None or value is None or not issubclass(kind, Exception):
             return False
-        internal_error(self.what, (kind, value, traceback))
+        if self.theirs:
+            _user_code.warning(
+                "laminar_middleware: %s raised; ignored, the request goes on",
+                self.what,
+                exc_info=(kind, value, traceback),
+            )
+        else:
+            internal_error(self.what, (kind, value, traceback))
         return True

@@ -63,9 +63,12 @@ from .codec import (
 from .config import (
     ExcludedPaths,
     ExcludedPathsOption,
+    ServerRequestHook,
+    ServerResponseHook,
     TrustOption,
     TrustPolicy,
     checked_header_names,
+    checked_hook,
     checked_provider,
 )
 from .context import (
@@ -97,6 +100,7 @@ _ROOT: Final = Context()
 _MAX_HOSTS: Final = 256
 _ADDING_PROCESSOR: Final = contained("adding the Laminar path processor")
 _EXTRACTING: Final = contained("the global OpenTelemetry propagator's extract")
+_REQUEST_HOOK: Final = contained("server_request_hook", theirs=True)
 
 
 class InboundRequest(NamedTuple):
@@ -178,7 +182,10 @@ class InboundTracer:
     Options: `tracer_provider` (the global one when None), `excluded_paths` (exact paths and
     compiled patterns; None reads `LAMINAR_EXCLUDED_PATHS`), `trust` (`"continue"`,
     `"restart"`, `"ignore"`, a callable on the ASGI scope / WSGI environ, or None for
-    `LAMINAR_TRUST`), and `header_names` (the Laminar header names to read, any case).
+    `LAMINAR_TRUST`), `header_names` (the Laminar header names to read, any case), and the
+    hooks `server_request_hook(span, scope_or_environ)` and `server_response_hook(span,
+    status, headers)`, each called once per request with its SERVER span (ours, or the one
+    another layer opened and we enriched) while it records, as contrib's hooks are.
     """
 
     def __init__(
@@ -188,8 +195,12 @@ class InboundTracer:
         excluded_paths: ExcludedPathsOption | ExcludedPaths = None,
         trust: TrustOption | TrustPolicy | None = None,
         header_names: Iterable[str] | None = None,
+        server_request_hook: ServerRequestHook | None = None,
+        server_response_hook: ServerResponseHook | None = None,
     ) -> None:
         tracer_provider = checked_provider(tracer_provider)
+        self._request_hook = checked_hook("server_request_hook", server_request_hook)
+        self._response_hook = checked_hook("server_response_hook", server_response_hook)
         self._provider = tracer_provider
         self.tracer = get_tracer(tracer_provider)
         self._processor_ready = False
@@ -218,7 +229,17 @@ class InboundTracer:
         """Start the SERVER span of a request, or enrich the one another layer started."""
         current = trace.get_current_span()
         if current.is_recording() and getattr(current, "kind", None) is SpanKind.SERVER:
-            return self._enrich(current, request)
+            server_request = self._enrich(current, request)
+        else:
+            server_request = self._open(request)
+        hook = self._request_hook
+        if hook is not None and server_request.span.is_recording():
+            with _REQUEST_HOOK:
+                hook(server_request.span, request.subject)
+        return server_request
+
+    def _open(self, request: InboundRequest) -> OwnedRequest:
+        """This package's SERVER span for the request, under the caller's context."""
         # Laminar's SDK, when initialized in this process, gets the span on its provider
         # (unless the user chose one) and as current span in its own context.
         bridge = active_bridge()
@@ -237,7 +258,14 @@ class InboundTracer:
         )
         warn_if_no_provider(span)
         return OwnedRequest(
-            span, prefix, request.find_route, parent.remote, bridge, provider, parent.base
+            span,
+            prefix,
+            request.find_route,
+            parent.remote,
+            bridge,
+            provider,
+            parent.base,
+            self._response_hook,
         )
 
     def _attributes(self, request: InboundRequest) -> tuple[str, dict[str, AttributeValue]]:
@@ -366,7 +394,7 @@ class InboundTracer:
         )
         span.set_attributes(attributes)
         # Made once the span is written: nothing is registered for a request that failed.
-        return EnrichedRequest(span, remote, bridge)
+        return EnrichedRequest(span, remote, bridge, response_hook=self._response_hook)
 
     def _ensure_processor(self) -> None:
         # Laminar paths for the spans the app starts under ours: once, on an SDK provider

@@ -38,6 +38,7 @@ from ._guard import contained
 from ._http import exception_type
 from ._lmnr import LaminarBridge
 from .codec import LaminarSpanContext, format_uuid
+from .config import ServerResponseHook
 from .context import SERVER_REQUEST, SPAN_IDS_PATH, SPAN_PATH, forget_owner, register_owner
 
 __all__ = ["EnrichedRequest", "OwnedRequest", "RouteFinder", "ServerRequest", "Tokens"]
@@ -52,6 +53,7 @@ _NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
 _FINDING_ROUTE: Final = contained("finding the route")
 _BRIDGE_ATTACH: Final = contained("attaching the server span to Laminar's context")
 _BRIDGE_DETACH: Final = contained("detaching the server span from Laminar's context")
+_RESPONSE_HOOK: Final = contained("server_response_hook", theirs=True)
 
 
 def _is_normal_disconnect(exc: BaseException) -> bool:
@@ -72,6 +74,7 @@ class ServerRequest:
         "_parent_ids_path",
         "_parent_path",
         "_remote",
+        "_response_hook",
         "_span_id",
         "ended",
         "provider",
@@ -86,6 +89,7 @@ class ServerRequest:
         bridge: LaminarBridge | None,
         provider: TracerProvider | None = None,
         base: Context | None = None,
+        response_hook: ServerResponseHook | None = None,
     ) -> None:
         self.span = span
         # The caller's Laminar context, when the trust policy continued it.
@@ -98,6 +102,8 @@ class ServerRequest:
         # What the span goes on top of when attached; None: whatever is current then (the
         # adapters attach right away, in the request's own context).
         self._base = base
+        # Called once, at the first response start.
+        self._response_hook = response_hook
         self._context: Context | None = None
         self.status_code: int | None = None
         self.ended = False
@@ -152,8 +158,14 @@ class ServerRequest:
     def set_route(self, route: str | None) -> None:
         """The framework has matched the request's route (a template)."""
 
-    def response_started(self, status: object) -> None:
-        """The response starts with this status code."""
+    def response_started(self, status: object, headers: object = None) -> None:
+        """The response starts with this status code (an int, or its digits) and headers."""
+
+    def _hook_response(self, code: int, headers: object) -> None:
+        hook, self._response_hook = self._response_hook, None
+        if hook is not None and self.span.is_recording():
+            with _RESPONSE_HOOK:
+                hook(self.span, code, headers)
 
     def fail(self, exc: BaseException) -> None:
         """An exception left the app (the adapter re-raises it)."""
@@ -179,8 +191,9 @@ class OwnedRequest(ServerRequest):
         bridge: LaminarBridge | None,
         provider: TracerProvider | None = None,
         base: Context | None = None,
+        response_hook: ServerResponseHook | None = None,
     ) -> None:
-        super().__init__(span, remote, bridge, provider, base)
+        super().__init__(span, remote, bridge, provider, base, response_hook)
         self._prefix = self._name = prefix
         self._find_route = find_route
         self._route: str | None = None
@@ -224,7 +237,7 @@ class OwnedRequest(ServerRequest):
             attributes[HTTP_ROUTE] = self._route
         return attributes
 
-    def response_started(self, status: object) -> None:
+    def response_started(self, status: object, headers: object = None) -> None:
         if self.ended:
             return
         code = int(status)  # type: ignore[call-overload]
@@ -237,6 +250,8 @@ class OwnedRequest(ServerRequest):
             attributes[ERROR_TYPE] = str(code)
             self.span.set_status(_ERROR_STATUS)
         self.span.set_attributes(attributes)
+        if self._response_hook is not None:
+            self._hook_response(code, headers)
 
     def fail(self, exc: BaseException) -> None:
         if self.ended or self._failed:
@@ -286,11 +301,13 @@ class EnrichedRequest(ServerRequest):
     def set_route(self, route: str | None) -> None:
         self._follow_name()
 
-    def response_started(self, status: object) -> None:
+    def response_started(self, status: object, headers: object = None) -> None:
         if not self.ended:
-            if isinstance(status, int):
-                self.status_code = status
+            code = int(status)  # type: ignore[call-overload]
+            self.status_code = code
             self._follow_name()
+            if self._response_hook is not None:
+                self._hook_response(code, headers)
 
     def end(self) -> None:
         if not self.ended:

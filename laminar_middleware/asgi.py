@@ -26,6 +26,8 @@ from ._server_request import ServerRequest
 from .config import (
     ExcludedPaths,
     ExcludedPathsOption,
+    ServerRequestHook,
+    ServerResponseHook,
     TrustOption,
     TrustPolicy,
     tolerant_options,
@@ -71,7 +73,9 @@ class LaminarASGIMiddleware:
     `excluded_paths` (exact paths and compiled patterns matched in full: no span, no context
     read; default `LAMINAR_EXCLUDED_PATHS`, comma-separated exact paths), `trust`
     (`"continue"`, `"restart"`, `"ignore"` or a callable on the ASGI scope; default
-    `LAMINAR_TRUST`, else `"continue"`) and `header_names`.
+    `LAMINAR_TRUST`, else `"continue"`), `header_names`, and the hooks
+    `server_request_hook(span, scope)` and `server_response_hook(span, status,
+    headers)` (the status an int, the headers as ASGI gives them: byte pairs).
     """
 
     @tolerant_options
@@ -83,6 +87,8 @@ class LaminarASGIMiddleware:
         excluded_paths: ExcludedPathsOption | ExcludedPaths = None,
         trust: TrustOption | TrustPolicy | None = None,
         header_names: Iterable[str] | None = None,
+        server_request_hook: ServerRequestHook | None = None,
+        server_response_hook: ServerResponseHook | None = None,
     ) -> None:
         self.app = app
         if "fastapi" in sys.modules:  # FastAPI's own request span: see laminar_middleware.fastapi
@@ -96,6 +102,8 @@ class LaminarASGIMiddleware:
             excluded_paths=excluded_paths,
             trust=trust,
             header_names=header_names,
+            server_request_hook=server_request_hook,
+            server_response_hook=server_response_hook,
         )
         self._header_names: frozenset[bytes] = frozenset(
             n.encode("latin-1") for n in self._server.header_names
@@ -174,7 +182,7 @@ class LaminarASGIMiddleware:
                 kind = message["type"]
                 if kind == "http.response.start":
                     trailers = bool(message.get("trailers", False))
-                    request.response_started(message["status"])
+                    request.response_started(message["status"], message.get("headers", ()))
                 elif kind == "http.response.body":
                     last = not message.get("more_body", False) and not trailers
                 elif kind == "http.response.trailers":
@@ -209,7 +217,7 @@ class LaminarASGIMiddleware:
         async def send_wrapper(message: Message) -> None:
             with _SENDING:
                 if message["type"] == "websocket.http.response.start":
-                    request.response_started(message["status"])
+                    request.response_started(message["status"], message.get("headers", ()))
             await send(message)
 
         tokens = request.attach()  # cannot fail (see ServerRequest)

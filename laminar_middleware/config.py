@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
+from opentelemetry.trace import Span
+
 from ._guard import contained, log_bad_setting, log_policy_error
 
 __all__ = [
@@ -25,13 +27,18 @@ __all__ = [
     "ENV_TRUST",
     "INBOUND_OPTIONS",
     "OUTBOUND_OPTIONS",
+    "ClientRequestHook",
+    "ClientResponseHook",
     "ExcludedPaths",
     "PropagationTargets",
+    "ServerRequestHook",
+    "ServerResponseHook",
     "Trust",
     "TrustOption",
     "TrustPolicy",
     "checked_flag",
     "checked_header_names",
+    "checked_hook",
     "checked_provider",
     "env_trust",
     "is_signed_request",
@@ -42,8 +49,21 @@ ENV_PROPAGATE_TO: Final = "LAMINAR_PROPAGATE_TO"
 ENV_TRUST: Final = "LAMINAR_TRUST"
 ENV_EXCLUDED_PATHS: Final = "LAMINAR_EXCLUDED_PATHS"
 
-INBOUND_OPTIONS: Final = ("tracer_provider", "excluded_paths", "trust", "header_names")
-OUTBOUND_OPTIONS: Final = ("tracer_provider", "propagate_to", "client_spans")
+INBOUND_OPTIONS: Final = (
+    "tracer_provider",
+    "excluded_paths",
+    "trust",
+    "header_names",
+    "server_request_hook",
+    "server_response_hook",
+)
+OUTBOUND_OPTIONS: Final = (
+    "tracer_provider",
+    "propagate_to",
+    "client_spans",
+    "client_request_hook",
+    "client_response_hook",
+)
 
 Trust = Literal["continue", "restart", "ignore"]
 TRUST_MODES: Final[frozenset[str]] = frozenset({"continue", "restart", "ignore"})
@@ -53,6 +73,16 @@ PropagateToOption: TypeAlias = (
     "str | Iterable[PropagateToEntry] | Callable[[str], bool] | PropagationTargets | None"
 )
 ExcludedPathsOption = Iterable[str | re.Pattern[str]] | str | None
+
+# The hooks, with the contrib instrumentations' names and arguments. Server: the span and
+# the framework's request (ASGI scope, WSGI environ); then the status and the response
+# headers as the protocol gives them. Client: the span and the library's own request
+# (`httpx.Request`, `requests.PreparedRequest`), then that and its response.
+ServerRequestHook = Callable[[Span, Any], None]
+ServerResponseHook = Callable[[Span, int, Any], None]
+ClientRequestHook = Callable[[Span, Any], None]
+ClientResponseHook = Callable[[Span, Any, Any], None]
+HookT = TypeVar("HookT", bound=Callable[..., None])
 
 
 # A user's callable that raises is contained where it is called: it fails closed.
@@ -254,6 +284,14 @@ def checked_flag(name: str, value: object, default: bool) -> bool:
         return value
     log_bad_setting(name, value, "True or False", repr(default))
     return default
+
+
+def checked_hook(name: str, value: HookT | None) -> HookT | None:
+    """A hook option: a callable, or None; anything else is logged and no hook is used."""
+    if value is None or callable(value):
+        return value
+    log_bad_setting(name, value, "a callable or None", "no hook")
+    return None
 
 
 def checked_header_names(value: object, default: tuple[str, ...]) -> tuple[str, ...]:

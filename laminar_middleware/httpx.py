@@ -21,7 +21,7 @@ from opentelemetry.trace import TracerProvider
 
 from ._client import EXTENSION_KEY, Call, OutboundHook, OutgoingRequest, finish_or_end
 from ._guard import contained
-from .config import PropagateToOption, tolerant_options
+from .config import ClientRequestHook, ClientResponseHook, PropagateToOption, tolerant_options
 
 __all__ = ["AsyncLaminarTransport", "LaminarTransport", "instrument_httpx", "uninstrument_httpx"]
 
@@ -105,7 +105,7 @@ class _AsyncTracedStream(httpx.AsyncByteStream):
 
 def _responded(call: Call, response: httpx.Response, stream_type: type[Any]) -> httpx.Response:
     call.detach()
-    call.respond(response.status_code)
+    call.respond(response.status_code, response)
     if response.is_closed:
         # Read and closed already (`httpx.Response(content=...)` from a mock or caching
         # transport): no close() of its stream will come, so the call ends now.
@@ -135,10 +135,16 @@ class LaminarTransport(httpx.BaseTransport):
         tracer_provider: TracerProvider | None = None,
         propagate_to: PropagateToOption = None,
         client_spans: bool = True,
+        client_request_hook: ClientRequestHook | None = None,
+        client_response_hook: ClientResponseHook | None = None,
     ) -> None:
         self._inner = inner
         self._hook = OutboundHook(
-            tracer_provider=tracer_provider, propagate_to=propagate_to, client_spans=client_spans
+            tracer_provider=tracer_provider,
+            propagate_to=propagate_to,
+            client_spans=client_spans,
+            client_request_hook=client_request_hook,
+            client_response_hook=client_response_hook,
         )
         self._owned = False  # made by instrument_httpx, so uninstrument_httpx removes it
 
@@ -199,10 +205,16 @@ class AsyncLaminarTransport(httpx.AsyncBaseTransport):
         tracer_provider: TracerProvider | None = None,
         propagate_to: PropagateToOption = None,
         client_spans: bool = True,
+        client_request_hook: ClientRequestHook | None = None,
+        client_response_hook: ClientResponseHook | None = None,
     ) -> None:
         self._inner = inner
         self._hook = OutboundHook(
-            tracer_provider=tracer_provider, propagate_to=propagate_to, client_spans=client_spans
+            tracer_provider=tracer_provider,
+            propagate_to=propagate_to,
+            client_spans=client_spans,
+            client_request_hook=client_request_hook,
+            client_response_hook=client_response_hook,
         )
         self._owned = False
 
@@ -332,16 +344,24 @@ def instrument_httpx(
     tracer_provider: TracerProvider | None = None,
     propagate_to: PropagateToOption = None,
     client_spans: bool = True,
+    client_request_hook: ClientRequestHook | None = None,
+    client_response_hook: ClientResponseHook | None = None,
 ) -> None:
     """Carry the Laminar header (and a CLIENT span) on every request of `client`, an
     `httpx.Client` or `httpx.AsyncClient`: its transport and its mounted transports are
     wrapped. Without a client, every client created from now on is instrumented.
 
+    `client_request_hook(span, request)` and `client_response_hook(span, request, response)`
+    are called with the library's own objects once per call that gets our CLIENT span.
     Instrumenting again replaces the options; `uninstrument_httpx` undoes it.
     """
     global _global
     hook = OutboundHook(
-        tracer_provider=tracer_provider, propagate_to=propagate_to, client_spans=client_spans
+        tracer_provider=tracer_provider,
+        propagate_to=propagate_to,
+        client_spans=client_spans,
+        client_request_hook=client_request_hook,
+        client_response_hook=client_response_hook,
     )
     if client is not None:
         if not isinstance(client, (httpx.Client, httpx.AsyncClient)):

@@ -26,7 +26,7 @@ from requests.structures import CaseInsensitiveDict
 
 from ._client import Call, OutboundHook, OutgoingRequest, finish_or_end
 from ._guard import contained
-from .config import PropagateToOption, tolerant_options
+from .config import ClientRequestHook, ClientResponseHook, PropagateToOption, tolerant_options
 
 __all__ = ["instrument_requests", "uninstrument_requests"]
 
@@ -94,7 +94,7 @@ def _traced_send(
         call.fail(exc)
         raise
     call.detach()
-    call.respond(getattr(response, "status_code", None))
+    call.respond(getattr(response, "status_code", None), response)
     stream = kwargs.get("stream")
     if stream is None:
         stream = getattr(session, "stream", False)
@@ -201,16 +201,24 @@ def instrument_requests(
     tracer_provider: TracerProvider | None = None,
     propagate_to: PropagateToOption = None,
     client_spans: bool = True,
+    client_request_hook: ClientRequestHook | None = None,
+    client_response_hook: ClientResponseHook | None = None,
 ) -> None:
     """Carry the Laminar header (and a CLIENT span) on every request `session` sends,
     keeping its mounted adapters. Without a session: every session, and the module-level
     `requests.get(...)` and friends (`requests.Session.send` is patched).
 
+    `client_request_hook(span, request)` and `client_response_hook(span, request, response)`
+    are called with the library's own objects once per call that gets our CLIENT span.
     Instrumenting again replaces the options; `uninstrument_requests` undoes it.
     """
     global _global, _patch
     hook = OutboundHook(
-        tracer_provider=tracer_provider, propagate_to=propagate_to, client_spans=client_spans
+        tracer_provider=tracer_provider,
+        propagate_to=propagate_to,
+        client_spans=client_spans,
+        client_request_hook=client_request_hook,
+        client_response_hook=client_response_hook,
     )
     if session is not None:
         if not isinstance(session, requests.Session):

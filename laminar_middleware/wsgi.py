@@ -23,6 +23,8 @@ from ._server_request import ServerRequest
 from .config import (
     ExcludedPaths,
     ExcludedPathsOption,
+    ServerRequestHook,
+    ServerResponseHook,
     TrustOption,
     TrustPolicy,
     tolerant_options,
@@ -98,7 +100,9 @@ class LaminarWSGIMiddleware:
     in full against `SCRIPT_NAME + PATH_INFO`: no span, no context read; default
     `LAMINAR_EXCLUDED_PATHS`, comma-separated exact paths), `trust`
     (`"continue"`, `"restart"`, `"ignore"` or a callable on the WSGI environ; default
-    `LAMINAR_TRUST`, else `"continue"`) and `header_names`.
+    `LAMINAR_TRUST`, else `"continue"`), `header_names`, and the hooks
+    `server_request_hook(span, environ)` and `server_response_hook(span, status,
+    headers)` (the status an int, the headers as WSGI gives them: string pairs).
     """
 
     @tolerant_options
@@ -110,6 +114,8 @@ class LaminarWSGIMiddleware:
         excluded_paths: ExcludedPathsOption | ExcludedPaths = None,
         trust: TrustOption | TrustPolicy | None = None,
         header_names: Iterable[str] | None = None,
+        server_request_hook: ServerRequestHook | None = None,
+        server_response_hook: ServerResponseHook | None = None,
     ) -> None:
         self.app = app
         self._server = InboundTracer(
@@ -117,6 +123,8 @@ class LaminarWSGIMiddleware:
             excluded_paths=excluded_paths,
             trust=trust,
             header_names=header_names,
+            server_request_hook=server_request_hook,
+            server_response_hook=server_response_hook,
         )
         self._environ_keys: tuple[str, ...] = tuple(
             dict.fromkeys(_environ_key(n) for n in self._server.header_names)
@@ -131,7 +139,7 @@ class LaminarWSGIMiddleware:
 
         def start_response_wrapper(status: str, headers: Any, *args: Any) -> Any:
             with _RESPONDING:
-                request.response_started(status.split(" ", 1)[0])
+                request.response_started(status.split(" ", 1)[0], headers)
             return start_response(status, headers, *args)
 
         tokens = request.attach()

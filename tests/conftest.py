@@ -25,6 +25,7 @@ def fresh_log_budget(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(_guard, "_bad_input", _guard.RateLimitedLogger(_guard.logger))
     monkeypatch.setattr(_guard, "_internal", _guard.RateLimitedLogger(_guard.logger))
+    monkeypatch.setattr(_guard, "_user_code", _guard.RateLimitedLogger(_guard.logger))
     monkeypatch.setattr(_guard, "_reported", set())
 
 
