@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -75,14 +76,12 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
             assert section["ratio"] is None and section["passed"] is None
 
 
-@pytest.mark.parametrize("group", GROUPS)
-def test_the_floor_records_the_same_span_as_ours(
-    group: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The floor is only a fair bound if it records what we record: same name, kind and
-    attribute keys (values differ only in ids)."""
+def benchmark_modules(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, InMemorySpanExporter]:
+    """benchmarks/run.py and queues.py, imported as the scripts import each other, with
+    every variant's spans going to one in-memory exporter."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
+        import queues
         import run
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
@@ -90,6 +89,16 @@ def test_the_floor_records_the_same_span_as_ours(
     shared = TracerProvider()
     shared.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(run, "_SHARED_PROVIDER", shared)
+    return run, queues, exporter
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_the_floor_records_the_same_span_as_ours(
+    group: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The floor is only a fair bound if it records what we record: same name, kind and
+    attribute keys (values differ only in ids)."""
+    run, _, exporter = benchmark_modules(monkeypatch)
     runners = getattr(run, f"{group}_runners")()
     recorded = {}
     for variant, scope in (("laminar", "laminar_middleware"), ("floor", "floor")):
@@ -119,16 +128,7 @@ def test_the_queue_benchmarks_measure_real_spans(
 ) -> None:
     """Each instrumented variant records one span of the kind it claims per message, in
     the caller's trace, and the bare one records none: the numbers measure the work."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import queues
-        import run
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    exporter = InMemorySpanExporter()
-    shared = TracerProvider()
-    shared.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(run, "_SHARED_PROVIDER", shared)
+    run, queues, exporter = benchmark_modules(monkeypatch)
     runners = getattr(queues, f"{group}_runners")()
     for variant, runner in runners.items():
         exporter.clear()
