@@ -291,7 +291,11 @@ def test_beside_the_contrib_instrumentation_one_producer_and_one_consumer_carry_
     assert path == ("caller", "handler", producer.name)
 
     def ran(spans: list[dict[str, Any]]) -> bool:
-        return any(s["name"] == "inside add" for s in in_trace(spans, caller.trace_id))
+        # The task's own span ends (and is written) before the CONSUMER span around it.
+        mine = in_trace(spans, caller.trace_id)
+        return any(s["name"] == "inside add" for s in mine) and any(
+            s["kind"] == "CONSUMER" for s in mine
+        )
 
     mine = in_trace(wait_for_file_spans(contrib_worker, ran), caller.trace_id)
     consumers = [s for s in mine if s["kind"] == "CONSUMER"]
