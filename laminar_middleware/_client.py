@@ -51,6 +51,7 @@ from opentelemetry.util.types import AttributeValue
 from ._guard import contained
 from ._http import KNOWN_METHODS, exception_type
 from ._lmnr import active_bridge
+from ._w3c import TRACEPARENT, format_traceparent
 from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid, trusted_context
 from .config import (
     ClientRequestHook,
@@ -497,6 +498,11 @@ class OutboundHook:
         w3c = global_propagator_without_laminar()
         if w3c is not None:
             w3c.inject(_Carrier(headers, present, added), ctx, _ADD_MISSING)
+        if target is not None and TRACEPARENT not in present and TRACEPARENT not in added:
+            # The sampled flag travels beside the Laminar header, whatever the propagators.
+            value = format_traceparent(trace.get_current_span(ctx).get_span_context())
+            headers[TRACEPARENT] = value
+            added[TRACEPARENT] = value
 
     def _redirect_hop(self, outer: Call, request: OutgoingRequest) -> None:
         """A new request sent from inside our call (requests following a redirect): keep

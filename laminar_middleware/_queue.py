@@ -39,6 +39,7 @@ from opentelemetry.util.types import AttributeValue
 from ._guard import contained
 from ._lmnr import LaminarBridge, active_bridge
 from ._server import laminar_remote, remote_span_context
+from ._w3c import TRACEPARENT, TRACESTATE, format_traceparent, sampled_parent
 from .codec import HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid
 from .config import TrustOption, TrustPolicy, checked_provider
 from .context import (
@@ -216,7 +217,13 @@ class QueueTracer:
         if remote is not None:
             decision = self.trust.decide(headers)
             if decision == "continue":
-                return remote_parent_context(remote, _ROOT), None, remote
+                flags, state = sampled_parent(
+                    remote.trace_id,
+                    remote.span_id,
+                    _values(headers, TRACEPARENT),
+                    lambda: _values(headers, TRACESTATE),
+                )
+                return remote_parent_context(remote, _ROOT, flags, state), None, remote
             if decision == "restart":
                 return _ROOT, [Link(remote_span_context(remote))], None
             return _ROOT, None, None
@@ -270,16 +277,22 @@ def _is_laminar_key(key: object) -> bool:
     return isinstance(key, str) and key.lower() in HEADER_NAMES_LOWER
 
 
+def _values(headers: Mapping[str, Any], name: str) -> list[Any]:
+    return [v for k, v in headers.items() if isinstance(k, str) and k.lower() == name]
+
+
 def _write_headers(headers: MutableMapping[str, Any], span: Span) -> None:
     inject(headers, span, overwrite=True)
     textmap = global_propagator_without_laminar()
-    if textmap is None:
-        return
     with _INJECTING:
         # Copied from another message, the W3C fields (and baggage) would pile up or win.
-        for field in textmap.fields:
+        for field in (TRACEPARENT, *(textmap.fields if textmap is not None else ())):
             headers.pop(field, None)
-        textmap.inject(headers, trace.set_span_in_context(span))
+        if textmap is not None:
+            textmap.inject(headers, trace.set_span_in_context(span))
+        if TRACEPARENT not in headers:
+            # The sampled flag travels beside the Laminar header, whatever the propagators.
+            headers[TRACEPARENT] = format_traceparent(span.get_span_context())
 
 
 def _extract(headers: Mapping[str, Any]) -> Context | None:

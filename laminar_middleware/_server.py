@@ -10,9 +10,11 @@ Choosing the remote context (see docs/wire-format.md for what the header may car
 
 1. The Laminar header (any of the configured names, any case). Several lines with the same
    value count as one; different values are ambiguous and count as none. An empty value is
-   none, silently; an invalid one is none, with a rate-limited log line.
+   none, silently; an invalid one is none, with a rate-limited log line. The header has no
+   sampled flag: a `traceparent` naming the same span gives it (and its `tracestate`);
+   without one the caller is sampled.
 2. Without a usable Laminar header: whatever the globally configured OpenTelemetry
-   propagator extracts (W3C `traceparent` by default).
+   propagator extracts (W3C `traceparent` by default, read strictly: see `_w3c`).
 3. The trust policy decides what the remote context is worth: `continue` (child of it, with
    the carried user id, session id, trace type and metadata as attributes), `restart` (a new
    trace with a span link to it) or `ignore` (a new trace).
@@ -53,6 +55,7 @@ from ._guard import contained, log_bad_header
 from ._http import KNOWN_METHODS
 from ._lmnr import LaminarBridge, active_bridge
 from ._server_request import EnrichedRequest, OwnedRequest, RouteFinder, ServerRequest
+from ._w3c import TRACEPARENT, TRACESTATE, sampled_parent
 from .codec import (
     HEADER_NAME,
     HEADER_NAME_ALIAS,
@@ -325,7 +328,15 @@ class InboundTracer:
                 if bridge is not None:
                     attributes.update(parent_attributes(remote))
                 attributes.update(association_attributes(remote))
-                return _Parent(remote_parent_context(remote, _ROOT), None, remote, None)
+                carrier, getter = request.carrier, request.getter
+                flags, state = sampled_parent(
+                    remote.trace_id,
+                    remote.span_id,
+                    getter.get(carrier, TRACEPARENT),
+                    lambda: getter.get(carrier, TRACESTATE),
+                )
+                context = remote_parent_context(remote, _ROOT, flags, state)
+                return _Parent(context, None, remote, None)
             if decision == "restart":
                 return _Parent(_ROOT, [Link(remote_span_context(remote))], None, None)
             return _NEW_TRACE
@@ -345,7 +356,8 @@ class InboundTracer:
         return _NEW_TRACE
 
     def _tracer_now(self, bridge: LaminarBridge | None) -> tuple[Tracer, TracerProvider | None]:
-        """The tracer for this request, and its provider when it is Laminar's."""
+        """The tracer for this request, and its provider when it is not the global one (the
+        user's, or Laminar's): the request's other spans go where its server span went."""
         if bridge is not None and self._provider is None:
             provider = bridge.tracer_provider()
             if provider is not self._bridge_provider:
@@ -356,7 +368,7 @@ class InboundTracer:
             return get_tracer(provider), provider
         if not self._processor_ready:
             self._ensure_processor()
-        return self.tracer, None
+        return self.tracer, self._provider
 
     def _enrich(self, span: Span, request: InboundRequest) -> ServerRequest:
         """Another layer (a contrib ASGI/WSGI/FastAPI/Flask instrumentation, an outer copy of

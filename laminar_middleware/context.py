@@ -28,6 +28,7 @@ from opentelemetry.trace import (
     TraceFlags,
     Tracer,
     TracerProvider,
+    TraceState,
 )
 from opentelemetry.util.types import AttributeValue
 
@@ -97,6 +98,7 @@ _owners: dict[int, PathOwner] = {}
 # Past this many open requests something never ended its spans: start again (the cost is
 # only early answers; every span still writes its own paths when it ends).
 _MAX_OWNERS: Final = 100_000
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 
 
 def register_owner(span_id: int, owner: PathOwner) -> bool:
@@ -215,14 +217,21 @@ class _RemoteParent(NonRecordingSpan):
         return attributes
 
 
-def remote_parent_context(remote: LaminarSpanContext, context: Context | None = None) -> Context:
-    """A context whose current span is the remote one: non-recording, remote, sampled, and
-    carrying the caller's Laminar paths and properties (see `_RemoteParent`)."""
+def remote_parent_context(
+    remote: LaminarSpanContext,
+    context: Context | None = None,
+    flags: TraceFlags = _SAMPLED,
+    trace_state: TraceState | None = None,
+) -> Context:
+    """A context whose current span is the remote one: non-recording, remote, and carrying
+    the caller's Laminar paths and properties (see `_RemoteParent`). Sampled unless a
+    `traceparent` beside the header said otherwise (`_w3c.sampled_parent`)."""
     span_context = SpanContext(
         trace_id=remote.trace_id,
         span_id=remote.span_id,
         is_remote=True,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        trace_flags=flags,
+        trace_state=trace_state,
     )
     span = _RemoteParent(span_context)
     span.laminar = remote

@@ -25,8 +25,10 @@ from opentelemetry.propagators.textmap import (
     default_getter,
     default_setter,
 )
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ._guard import contained, log_bad_header
+from ._w3c import TRACEPARENT, TRACESTATE, StrictTraceContext, sampled_parent
 from .codec import HEADER_NAME, HEADER_NAME_ALIAS, HEADER_NAMES_LOWER, parse_with_reason
 from .config import TrustOption, TrustPolicy
 from .context import remote_parent_context, span_context_of
@@ -97,7 +99,13 @@ class LaminarPropagator(TextMapPropagator):
         # Whatever layer starts a span under this context (a contrib consumer) gets the
         # caller's path through the path processor, on the global provider it uses.
         ensure_path_processor(None)
-        return remote_parent_context(remote, context)
+        flags, state = sampled_parent(
+            remote.trace_id,
+            remote.span_id,
+            getter.get(carrier, TRACEPARENT),
+            lambda: getter.get(carrier, TRACESTATE),
+        )
+        return remote_parent_context(remote, context, flags, state)
 
     def inject(
         self,
@@ -129,8 +137,9 @@ _filtered: tuple[object, TextMapPropagator | None] = (None, None)
 def global_propagator_without_laminar() -> TextMapPropagator | None:
     """The global propagator minus `LaminarPropagator`: what the middlewares and hooks use
     for W3C and other headers, since they read and write the Laminar header themselves
-    (so it is sent once and a refused one is not parsed twice). Recomputed only when the
-    global propagator is replaced; None when nothing is left."""
+    (so it is sent once and a refused one is not parsed twice), with OpenTelemetry's W3C
+    propagator replaced by the strict one (`_w3c`). Recomputed only when the global
+    propagator is replaced; None when nothing is left."""
     global _filtered
     from opentelemetry.propagate import get_global_textmap  # late: see the module docstring
 
@@ -144,12 +153,18 @@ def global_propagator_without_laminar() -> TextMapPropagator | None:
 
 
 def _without_laminar(textmap: TextMapPropagator) -> TextMapPropagator | None:
+    # OpenTelemetry's own W3C propagator (exactly that class: a subclass is someone's
+    # choice) is swapped for the strict one, so the W3C headers follow the Recommendation.
     if isinstance(textmap, LaminarPropagator):
         return None
+    if type(textmap) is TraceContextTextMapPropagator:
+        return StrictTraceContext()
     inner = getattr(textmap, "_propagators", None)
     if isinstance(textmap, CompositePropagator) and isinstance(inner, (list, tuple)):
-        kept = [p for p in inner if not isinstance(p, LaminarPropagator)]
-        if len(kept) == len(inner):
-            return textmap
+        kept = [
+            StrictTraceContext() if type(p) is TraceContextTextMapPropagator else p
+            for p in inner
+            if not isinstance(p, LaminarPropagator)
+        ]
         return CompositePropagator(kept) if kept else None
     return textmap

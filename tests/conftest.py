@@ -39,3 +39,14 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 def provider() -> TracerProvider:
     return PROVIDER
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The W3C trace-context suite's results, ours beside contrib's, when it ran."""
+    from support.w3c_suite import summary
+
+    lines = summary()
+    if lines:
+        terminalreporter.section("W3C trace-context test suite")
+        for line in lines:
+            terminalreporter.write_line(line)

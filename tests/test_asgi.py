@@ -299,6 +299,48 @@ def test_fastapi_own_tracer_provider_is_used(exporter: InMemorySpanExporter) -> 
     assert not server_spans(list(exporter.get_finished_spans()))
 
 
+def test_the_requests_other_spans_go_to_the_middlewares_own_provider(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """A CLIENT span and a PRODUCER span made in the request go where its SERVER span went,
+    so none of them names a parent exported elsewhere."""
+    import dramatiq
+    from dramatiq.brokers.stub import StubBroker
+    from support.outbound import echo_app
+
+    from laminar_middleware.dramatiq import instrument_dramatiq
+    from laminar_middleware.httpx import AsyncLaminarTransport
+
+    provider = TracerProvider()
+    separate = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(separate))
+    broker = StubBroker()
+    instrument_dramatiq(broker)
+    task = dramatiq.actor(lambda: None, actor_name="noop", broker=broker)
+
+    async def handler(request: Request) -> PlainTextResponse:
+        transport = AsyncLaminarTransport(httpx.ASGITransport(app=echo_app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://echo") as client:
+            await client.get("/echo")
+        task.send()
+        return PlainTextResponse("ok")
+
+    app = LaminarASGIMiddleware(Starlette(routes=[Route("/", handler)]), tracer_provider=provider)
+
+    async def go() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            assert (await client.get("/")).text == "ok"
+
+    asyncio.run(go())
+    spans = {s.kind: s for s in separate.get_finished_spans()}
+    assert set(spans) == {SpanKind.SERVER, SpanKind.CLIENT, SpanKind.PRODUCER}
+    server_id = spans[SpanKind.SERVER].context.span_id
+    assert spans[SpanKind.CLIENT].parent.span_id == server_id  # type: ignore[union-attr]
+    assert spans[SpanKind.PRODUCER].parent.span_id == server_id  # type: ignore[union-attr]
+    assert list(exporter.get_finished_spans()) == []
+
+
 def test_fastapi_span_found_late_is_enriched_then_taken_over(
     exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ from support.outbound import (
 
 from laminar_middleware import LaminarPropagator
 from laminar_middleware._client import _method_info, redact_url
+from laminar_middleware._w3c import StrictTraceContext
 from laminar_middleware.propagator import _without_laminar
 
 # --- the shared layer on its own ---------------------------------------------------------
@@ -37,9 +38,14 @@ def test_method_names_follow_the_conventions() -> None:
 def test_global_propagator_without_laminar() -> None:
     tracecontext = TraceContextTextMapPropagator()
     assert _without_laminar(LaminarPropagator()) is None
-    assert _without_laminar(tracecontext) is tracecontext
-    plain = CompositePropagator([tracecontext, W3CBaggagePropagator()])
-    assert _without_laminar(plain) is plain
+    # OpenTelemetry's W3C propagator is swapped for the strict one; a subclass is kept.
+    assert type(_without_laminar(tracecontext)) is StrictTraceContext
+    mine = type("Mine", (TraceContextTextMapPropagator,), {})()
+    assert _without_laminar(mine) is mine
+    baggage = W3CBaggagePropagator()
+    plain = _without_laminar(CompositePropagator([tracecontext, baggage]))
+    inner = getattr(plain, "_propagators", None)
+    assert inner is not None and [type(p) for p in inner] == [StrictTraceContext, type(baggage)]
     filtered = _without_laminar(CompositePropagator([tracecontext, LaminarPropagator()]))
     assert isinstance(filtered, CompositePropagator)
     carrier: dict[str, str] = {}

@@ -4,14 +4,16 @@ JSON contexts built from the wire format's own keys, then broken.
 Every example goes through both middlewares with raw ASGI and WSGI calls, and through the
 bare apps: the response must be the bare app's, nothing may escape, the caller's context must
 be restored, and there must be exactly one ended SERVER span, whose parent is the one the
-headers name: the Laminar context when the codec accepts the one value sent, else the W3C
-`traceparent` as OpenTelemetry's own propagator reads it, else none.
+headers name: the Laminar context when the codec accepts the one value sent (unsampled when a
+`traceparent` naming it says so), else the W3C `traceparent` as the Recommendation reads it
+(one non-blank line), else none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,7 +23,6 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from support.raw_apps import (
     ALIAS,
     FLASK_WSGI,
@@ -41,7 +42,6 @@ RAW_EXAMPLES = 600
 JSON_EXAMPLES = 600
 
 Headers = Sequence[tuple[bytes, bytes]]
-W3C = TraceContextTextMapPropagator()
 LAMINAR_NAMES = (NAME, ALIAS)
 WSGI_KEYS = ("HTTP_X_LAMINAR_SPAN_CONTEXT", "HTTP_LAMINAR_SPAN_CONTEXT")
 
@@ -177,20 +177,36 @@ Parent = tuple[int, int] | str | None
 NOT_SAMPLED = "not sampled"
 
 
-def _w3c_parent(get: Any) -> Parent:
-    class Getter:
-        def get(self, carrier: Any, key: str) -> list[str] | None:
-            return get(key)
+_TRACEPARENT = re.compile(
+    r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^,]*)?[ \t]*"
+)
 
-        def keys(self, carrier: Any) -> list[str]:
-            return []
 
-    span_context = trace.get_current_span(W3C.extract({}, getter=Getter())).get_span_context()  # type: ignore[arg-type]
-    if not span_context.is_valid:
+def _traceparent(lines: list[str]) -> tuple[int, int, bool] | None:
+    """(trace id, span id, sampled) from the `traceparent` lines: exactly one that is not
+    blank, no comma (several lines combined), version ff and a 00 with more fields invalid."""
+    said = [line for line in lines if line.strip(" \t")]
+    found = _TRACEPARENT.fullmatch(said[0]) if len(said) == 1 else None
+    if found is None:
         return None
-    if not span_context.trace_flags.sampled:
-        return NOT_SAMPLED
-    return (span_context.trace_id, span_context.span_id)
+    version, trace_id, span_id, flags, rest = found.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    if not int(trace_id, 16) or not int(span_id, 16):
+        return None
+    return int(trace_id, 16), int(span_id, 16), bool(int(flags, 16) & 1)
+
+
+def _parent(laminar: tuple[int, int] | None, traceparents: list[str]) -> Parent:
+    w3c = _traceparent(traceparents)
+    if laminar is not None:
+        # The Laminar header has no sampled flag: a traceparent naming the same span has it.
+        if w3c is not None and w3c[:2] == laminar and not w3c[2]:
+            return NOT_SAMPLED
+        return laminar
+    if w3c is None:
+        return None
+    return w3c[:2] if w3c[2] else NOT_SAMPLED
 
 
 def _laminar_parent(values: list[bytes]) -> tuple[int, int] | None:
@@ -203,27 +219,13 @@ def _laminar_parent(values: list[bytes]) -> tuple[int, int] | None:
 def expected_asgi_parent(headers: Headers) -> Parent:
     lines = [(name.lower(), value) for name, value in headers]
     laminar = _laminar_parent([v for n, v in lines if n in LAMINAR_NAMES])
-    if laminar is not None:
-        return laminar
-
-    def get(key: str) -> list[str] | None:
-        found = [v.decode("latin-1") for n, v in lines if n == key.encode()]
-        return found or None
-
-    return _w3c_parent(get)
+    return _parent(laminar, [v.decode("latin-1") for n, v in lines if n == b"traceparent"])
 
 
 def expected_wsgi_parent(environ: dict[str, Any]) -> Parent:
-    values = [environ[k].encode("latin-1") for k in WSGI_KEYS if k in environ]
-    laminar = _laminar_parent(values)
-    if laminar is not None:
-        return laminar
-
-    def get(key: str) -> list[str] | None:
-        value = environ.get("HTTP_" + key.upper().replace("-", "_"))
-        return None if value is None else [value]
-
-    return _w3c_parent(get)
+    laminar = _laminar_parent([environ[k].encode("latin-1") for k in WSGI_KEYS if k in environ])
+    traceparent = environ.get("HTTP_TRACEPARENT")
+    return _parent(laminar, [] if traceparent is None else [traceparent])
 
 
 def parent_of(span: ReadableSpan) -> tuple[int, int] | None:
