@@ -278,7 +278,9 @@ def _is_laminar_key(key: object) -> bool:
 
 
 def _values(headers: Mapping[str, Any], name: str) -> list[Any]:
-    return [v for k, v in headers.items() if isinstance(k, str) and k.lower() == name]
+    # The exact key, as OpenTelemetry's default getter reads a message's headers.
+    value = headers.get(name)
+    return [] if value is None else [value]
 
 
 def _write_headers(headers: MutableMapping[str, Any], span: Span) -> None:

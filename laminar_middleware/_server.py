@@ -55,7 +55,7 @@ from ._guard import contained, log_bad_header
 from ._http import KNOWN_METHODS
 from ._lmnr import LaminarBridge, active_bridge
 from ._server_request import EnrichedRequest, OwnedRequest, RouteFinder, ServerRequest
-from ._w3c import TRACEPARENT, TRACESTATE, sampled_parent
+from ._w3c import sampled_parent
 from .codec import (
     HEADER_NAME,
     HEADER_NAME_ALIAS,
@@ -114,6 +114,10 @@ class InboundRequest(NamedTuple):
     scheme: str
     # The Laminar header's values (every configured name, every line), raw.
     laminar_values: Sequence[str | bytes]
+    # The W3C lines, read in the same pass: a `traceparent` beside the Laminar header gives
+    # it the sampled flag.
+    traceparents: Sequence[str | bytes]
+    tracestates: Sequence[str | bytes]
     # The request's headers and how to read them, for the global OpenTelemetry propagator.
     carrier: Any
     getter: Getter[Any]
@@ -328,12 +332,8 @@ class InboundTracer:
                 if bridge is not None:
                     attributes.update(parent_attributes(remote))
                 attributes.update(association_attributes(remote))
-                carrier, getter = request.carrier, request.getter
                 flags, state = sampled_parent(
-                    remote.trace_id,
-                    remote.span_id,
-                    getter.get(carrier, TRACEPARENT),
-                    lambda: getter.get(carrier, TRACESTATE),
+                    remote.trace_id, remote.span_id, request.traceparents, request.tracestates
                 )
                 context = remote_parent_context(remote, _ROOT, flags, state)
                 return _Parent(context, None, remote, None)

@@ -58,6 +58,15 @@ _MEMBER_RE: Final = re.compile(f"({_KEY})=({_VALUE})")
 def parse_traceparent(value: object) -> SpanContext | None:
     """A `traceparent` value as a remote span context, or None when it is not valid (an
     unknown future version is read by its first four fields, as the Recommendation says)."""
+    fields = _fields(value)
+    if fields is None:
+        return None
+    trace_id, span_id, flags = fields
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
+
+
+def _fields(value: object) -> tuple[int, int, TraceFlags] | None:
+    # Without a SpanContext: the inbound path asks only whether the ids match.
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     if not isinstance(value, str):
@@ -65,13 +74,14 @@ def parse_traceparent(value: object) -> SpanContext | None:
     found = _TRACEPARENT_RE.fullmatch(value.strip(" \t"))
     if found is None:
         return None
-    version, trace_id, span_id, flags, rest = found.groups()
+    version, trace_hex, span_hex, flags_hex, rest = found.groups()
     if version == "ff" or (version == "00" and rest):
         return None
-    trace_int, span_int = int(trace_id, 16), int(span_id, 16)
-    if not trace_int or not span_int:
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
         return None
-    return SpanContext(trace_int, span_int, is_remote=True, trace_flags=TraceFlags(int(flags, 16)))
+    flags = _SAMPLED if flags_hex == "01" else TraceFlags(int(flags_hex, 16))
+    return trace_id, span_id, flags
 
 
 def _lines(values: Sequence[object] | None) -> list[object]:
@@ -142,12 +152,12 @@ def sampled_parent(
     `traceparent` naming the same span carries them; with none, the caller is sampled, as
     Laminar's SDKs assume. `tracestates` is read only when the `traceparent` matched; a
     callable is called for the lines then."""
-    lines = _lines(traceparents)
-    if len(lines) == 1:
-        parsed = parse_traceparent(lines[0])
-        if parsed is not None and parsed.trace_id == trace_id and parsed.span_id == span_id:
+    lines = _lines(traceparents) if traceparents and len(traceparents) > 1 else traceparents
+    if lines and len(lines) == 1:
+        fields = _fields(lines[0])
+        if fields is not None and fields[0] == trace_id and fields[1] == span_id:
             states = tracestates() if callable(tracestates) else tracestates
-            return parsed.trace_flags, parse_tracestate(states)
+            return fields[2], parse_tracestate(states)
     return _SAMPLED, None
 
 

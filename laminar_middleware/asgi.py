@@ -140,6 +140,8 @@ class LaminarASGIMiddleware:
             return None
         names = self._header_names
         values: list[bytes] = []
+        traceparents: list[bytes] = []
+        tracestates: list[bytes] = []
         host = user_agent = None
         headers: Headers = scope.get("headers") or ()
         for name, value in headers:
@@ -150,6 +152,10 @@ class LaminarASGIMiddleware:
                 host = value
             elif name == b"user-agent":
                 user_agent = value
+            elif name == b"traceparent":
+                traceparents.append(value)
+            elif name == b"tracestate":
+                tracestates.append(value)
         client = scope.get("client")
         server_address = scope.get("server")
         root_path = scope.get("root_path", "")
@@ -158,6 +164,8 @@ class LaminarASGIMiddleware:
             path,
             scope.get("scheme") or ("http" if method is not None else "ws"),
             values,
+            traceparents,
+            tracestates,
             headers,
             _GETTER,
             scope,

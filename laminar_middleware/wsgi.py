@@ -163,6 +163,8 @@ class LaminarWSGIMiddleware:
         if server.excluded(path):
             return None
         values = [_wire_bytes(environ[k]) for k in self._environ_keys if k in environ]
+        traceparent = environ.get("HTTP_TRACEPARENT")
+        tracestate = environ.get("HTTP_TRACESTATE")
         host = environ.get("HTTP_HOST")
         request = server.start(
             InboundRequest(
@@ -170,6 +172,8 @@ class LaminarWSGIMiddleware:
                 path,
                 environ.get("wsgi.url_scheme", "http"),
                 values,
+                () if traceparent is None else (traceparent,),
+                () if tracestate is None else (tracestate,),
                 environ,
                 _GETTER,
                 environ,
