@@ -6,9 +6,11 @@ Starlette and FastAPI build their middleware stack at the first request
 (`build_middleware_stack`, where the middleware is put first), Flask apps are wrapped when
 built and, if built earlier, at their first request. requests sessions go through the
 class's `send`, so every session is covered; httpx fixes a client's transport when the
-client is built, so only clients built afterwards are. Celery is covered through its
-signals, for every app, RQ through its queue, job and worker classes, and Dramatiq brokers
-(the global one, and every one built afterwards) get `LaminarMiddleware` first.
+client is built, so only clients built afterwards are. Django handlers get the middleware
+outermost when they load their middleware (Django builds a handler when it starts serving).
+Celery is covered through its signals, for every app, RQ through its queue, job and worker
+classes, and Dramatiq brokers (the global one, and every one built afterwards) get
+`LaminarMiddleware` first.
 `uninstrument()` restores what it patched; apps and clients instrumented in between keep
 their middleware and hooks.
 """
@@ -36,6 +38,7 @@ _lock = threading.Lock()
 # Inside the framework's own build or __init__: a failure of ours leaves the app as it is.
 _INSTRUMENTING_ASGI: Final = contained("instrumenting a Starlette or FastAPI app")
 _INSTRUMENTING_FLASK: Final = contained("instrumenting a Flask app")
+_INSTRUMENTING_DJANGO: Final = contained("instrumenting a Django handler")
 # (class, attribute name, original function) for everything patched, to undo it.
 _patched: list[tuple[type, str, Callable[..., Any]]] = []
 _clients_instrumented: list[str] = []
@@ -79,6 +82,7 @@ def instrument(**options: Any) -> None:
         _patch("fastapi.applications", "FastAPI", "build_middleware_stack", _first(inbound, True))
         _patch("flask.app", "Flask", "__init__", _after_flask_init(inbound))
         _patch("flask.app", "Flask", "__call__", _before_flask_call(inbound))
+        _patch("django.core.handlers.base", "BaseHandler", "load_middleware", _django(inbound))
         queue: dict[str, Any] = {
             k: inbound[k] for k in ("tracer_provider", "trust") if k in inbound
         }
@@ -240,6 +244,20 @@ def _before_flask_call(
             return original(self, environ, start_response)
 
         return __call__
+
+    return make
+
+
+def _django(options: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def load_middleware(self: Any, is_async: bool = False) -> None:
+            original(self, is_async)
+            with _INSTRUMENTING_DJANGO:
+                from .django import add_to_handler
+
+                add_to_handler(self, is_async, options)
+
+        return load_middleware
 
     return make
 

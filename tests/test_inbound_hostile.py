@@ -326,6 +326,23 @@ def test_hostile_headers_wsgi(case: Case, exporter: InMemorySpanExporter) -> Non
     assert span.name == "GET /items/<item_id>"
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+def test_hostile_headers_django(case: Case, exporter: InMemorySpanExporter) -> None:
+    from support.django_project import OURS, wsgi_app
+
+    bare, wrapped = wsgi_app([]), wsgi_app([OURS])
+    expected = call_wsgi(bare, wsgi_environ(case.headers))
+    exporter.clear()
+    before = trace.get_current_span()
+    got = call_wsgi(wrapped, wsgi_environ(case.headers))
+    assert trace.get_current_span() is before
+    assert got == expected
+    assert expected[0] == "200 OK"
+    (span,) = ours(exporter)
+    check_span(span, case.wsgi, case.parent)
+    assert span.name == "GET items/<item_id>"
+
+
 def test_bad_headers_are_logged_rate_limited_and_never_in_full(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,207 @@
+"""`LaminarMiddleware` for Django, under WSGI and ASGI servers alike.
+
+Put it first in `MIDDLEWARE`:
+
+    MIDDLEWARE = ["laminar_middleware.django.LaminarMiddleware", ...]
+
+Its options come from `settings.LAMINAR_MIDDLEWARE` (a dict of the WSGI middleware's
+keyword options), then the environment, as for every middleware here. Django hands every
+request the same `request.META` (a WSGI environ, also under ASGI), so the headers are read
+as the WSGI middleware reads them. The span is named `METHOD route` once Django has resolved
+the URL (`process_view`: `resolver_match.route`, with `include()` prefixes), records the
+exception of a view that Django turned into a 500 (`process_exception`), and ends when
+the server closes the response: after the last chunk of a streaming one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from ._guard import contained, log_bad_setting
+from ._server import InboundRequest, InboundTracer
+from ._server_request import ServerRequest
+from .config import tolerant_options
+from .wsgi import _GETTER, _environ_key, _server_address, _wire_bytes
+
+__all__ = ["LaminarMiddleware", "add_to_handler"]
+
+MIDDLEWARE_PATH: Final = "laminar_middleware.django.LaminarMiddleware"
+
+# Where the per-request object waits for process_view, process_exception and close().
+_REQUEST_ATTRIBUTE: Final = "_laminar_request"
+
+
+@tolerant_options
+def _tracer(**options: Any) -> InboundTracer:
+    return InboundTracer(**options)
+
+
+class LaminarMiddleware:
+    """Opens a SERVER span per Django request, continuing the caller's Laminar context
+    (`X-Laminar-Span-Context`), else the W3C one. Sync and async capable."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[Any], Any], **options: Any) -> None:
+        """Django passes `get_response` only: the options are `settings.LAMINAR_MIDDLEWARE`.
+        `instrument()` passes its own."""
+        from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
+        self.get_response = get_response
+        self._async = iscoroutinefunction(get_response)
+        if self._async:
+            markcoroutinefunction(self)
+        if not options:
+            from django.conf import settings
+
+            options = getattr(settings, "LAMINAR_MIDDLEWARE", None)  # type: ignore[assignment]
+        self._server = _configured(options)
+        self._environ_keys = tuple(
+            dict.fromkeys(_environ_key(n) for n in self._server.header_names)
+        )
+
+    def __call__(self, request: Any) -> Any:
+        if self._async:
+            return self._acall(request)
+        with _STARTING:
+            server_request = self._start(request)
+        if server_request is None:
+            return self.get_response(request)
+        tokens = server_request.attach()
+        try:
+            response = self.get_response(request)
+        except BaseException as exc:
+            _finish(server_request, exc)
+            raise
+        finally:
+            server_request.detach(tokens)
+        _respond(server_request, response)
+        return response
+
+    async def _acall(self, request: Any) -> Any:
+        with _STARTING:
+            server_request = self._start(request)
+        if server_request is None:
+            return await self.get_response(request)
+        tokens = server_request.attach()
+        try:
+            response = await self.get_response(request)
+        except BaseException as exc:
+            _finish(server_request, exc)
+            raise
+        finally:
+            server_request.detach(tokens)
+        _respond(server_request, response)
+        return response
+
+    def process_view(self, request: Any, view: Any, args: Any, kwargs: Any) -> None:
+        # Django has resolved the URL: name the span now, so the view's spans see the route.
+        with _ROUTED:
+            server_request = getattr(request, _REQUEST_ATTRIBUTE, None)
+            if isinstance(server_request, ServerRequest):
+                server_request.set_route(_route_of(request))
+
+    def process_exception(self, request: Any, exception: Exception) -> None:
+        # Django turns the view's exception into a 500 itself: record it, it never reaches us.
+        with _FAILED:
+            server_request = getattr(request, _REQUEST_ATTRIBUTE, None)
+            if isinstance(server_request, ServerRequest):
+                server_request.fail(exception)
+
+    def _start(self, request: Any) -> ServerRequest | None:
+        server = self._server
+        path = str(request.path)
+        if server.excluded(path):
+            return None
+        meta = request.META
+        traceparent = meta.get("HTTP_TRACEPARENT")
+        tracestate = meta.get("HTTP_TRACESTATE")
+        host = meta.get("HTTP_HOST")
+        server_request = server.start(
+            InboundRequest(
+                meta.get("REQUEST_METHOD", "GET"),
+                path,
+                request.scheme or "http",
+                [_wire_bytes(meta[k]) for k in self._environ_keys if k in meta],
+                () if traceparent is None else (traceparent,),
+                () if tracestate is None else (tracestate,),
+                meta,
+                _GETTER,
+                request,
+                host,
+                None if host else _server_address(meta),
+                meta.get("REMOTE_ADDR"),
+                meta.get("HTTP_USER_AGENT"),
+                lambda: _route_of(request),
+            )
+        )
+        setattr(request, _REQUEST_ATTRIBUTE, server_request)
+        return server_request
+
+
+def _configured(options: object) -> InboundTracer:
+    if isinstance(options, dict) and options:
+        with _CONFIGURING:
+            return _tracer(**{str(k): v for k, v in options.items()})
+    elif options is not None and not isinstance(options, dict):
+        log_bad_setting("settings.LAMINAR_MIDDLEWARE", options, "a dict of options", "none")
+    return InboundTracer()
+
+
+def _route_of(request: Any) -> str | None:
+    route = getattr(getattr(request, "resolver_match", None), "route", None)
+    return route if isinstance(route, str) and route else None
+
+
+def _respond(server_request: ServerRequest, response: Any) -> None:
+    """The status now; the end when the server closes the response (after the last chunk)."""
+    with _RESPONDING:
+        headers = [(str(k), str(v)) for k, v in response.items()]
+        server_request.response_started(int(response.status_code), headers)
+        close = response.close
+
+        def close_and_end() -> None:
+            try:
+                close()
+            finally:
+                _end(server_request)
+
+        response.close = close_and_end
+        return
+    _end(server_request)  # the response could not be wrapped: end the span now
+
+
+def _finish(server_request: ServerRequest, exc: BaseException) -> None:
+    with _FAILED:
+        server_request.fail(exc)
+    _end(server_request)
+
+
+def _end(server_request: ServerRequest) -> None:
+    with _ENDING:
+        server_request.end()
+
+
+_CONFIGURING: Final = contained("LaminarMiddleware (Django): settings.LAMINAR_MIDDLEWARE")
+_STARTING: Final = contained("LaminarMiddleware (Django): starting the server span")
+_ROUTED: Final = contained("LaminarMiddleware (Django): process_view")
+_FAILED: Final = contained("LaminarMiddleware (Django): recording the view's exception")
+_RESPONDING: Final = contained("LaminarMiddleware (Django): the response")
+_ENDING: Final = contained("LaminarMiddleware (Django): ending the server span")
+
+
+def add_to_handler(handler: Any, is_async: bool, options: dict[str, Any]) -> None:
+    """Put the middleware outermost in a Django handler that has just loaded its middleware
+    (`instrument()`, for a project whose `MIDDLEWARE` does not name it)."""
+    from django.conf import settings
+
+    if MIDDLEWARE_PATH in (getattr(settings, "MIDDLEWARE", None) or ()):
+        return
+    middleware = LaminarMiddleware(handler._middleware_chain, **options)
+    # The same hook lists Django builds in load_middleware: outermost view hook first,
+    # outermost exception hook last.
+    handler._view_middleware.insert(0, middleware.process_view)
+    handler._exception_middleware.append(middleware.process_exception)
+    handler._middleware_chain = middleware

@@ -1,0 +1,85 @@
+"""A Django project in one module: settings configured once per process, the URL conf, the
+views, and the WSGI and ASGI handlers built with or without the middleware."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import django
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.urls import include, path
+
+OURS = "laminar_middleware.django.LaminarMiddleware"
+
+if not settings.configured:
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="tests",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=[OURS],
+        INSTALLED_APPS=[],
+        LOGGING_CONFIG=None,
+    )
+    django.setup()
+
+# The streaming view's chunks are produced lazily: the test reads them one by one.
+produced: list[str] = []
+
+
+def item(request: HttpRequest, item_id: int) -> JsonResponse:
+    return JsonResponse({"item": item_id}, headers={"x-app": "1"})
+
+
+async def async_item(request: HttpRequest, item_id: int) -> JsonResponse:
+    await asyncio.sleep(0)
+    return JsonResponse({"item": item_id})
+
+
+def stream(request: HttpRequest) -> StreamingHttpResponse:
+    def chunks() -> Iterator[bytes]:
+        for n in range(3):
+            produced.append(f"chunk {n}")
+            yield b"chunk %d\n" % n
+
+    return StreamingHttpResponse(chunks())
+
+
+def boom(request: HttpRequest) -> HttpResponse:
+    raise ValueError("the view failed")
+
+
+urlpatterns = [
+    path(
+        "api/",
+        include(
+            [
+                path("items/<int:item_id>", item),
+                path("async/<int:item_id>", async_item),
+                path("stream", stream),
+                path("boom", boom),
+            ]
+        ),
+    ),
+    path("items/<item_id>", item),
+]
+
+
+def wsgi_app(middleware: list[str]) -> Any:
+    """A WSGI handler with this MIDDLEWARE (read when the handler is built)."""
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.test import override_settings
+
+    with override_settings(MIDDLEWARE=middleware):
+        return WSGIHandler()
+
+
+def asgi_app(middleware: list[str]) -> Any:
+    from django.core.handlers.asgi import ASGIHandler
+    from django.test import override_settings
+
+    with override_settings(MIDDLEWARE=middleware):
+        return ASGIHandler()

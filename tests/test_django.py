@@ -1,0 +1,158 @@
+"""The Django middleware: the span named by Django's route (with `include()` prefixes) and
+continuing the caller, through Django's test client (in process) and through real servers
+(werkzeug's WSGI server, uvicorn with Django's ASGI handler); streaming responses end the
+span after the last chunk; a view's exception recorded; beside the contrib Django
+instrumentation, one SERVER span; bad settings never stop a request."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+from django.test import Client, override_settings
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from support import django_project
+from support.django_project import OURS, asgi_app, wsgi_app
+from support.raw_apps import ours
+from support.servers import run_uvicorn, run_wsgi, wait_for_spans
+
+from laminar_middleware import LaminarSpanContext
+from laminar_middleware.codec import format_uuid
+
+REMOTE = LaminarSpanContext(
+    0x4BF92F3577B34DA6A3CE929D0E0E4736,
+    0x00F067AA0BA902B7,
+    ("service_a",),
+    (format_uuid(0x00F067AA0BA902B7),),
+    user_id="u-1",
+)
+HEADERS = {"X-Laminar-Span-Context": REMOTE.serialize()}
+ROUTE = "api/items/<int:item_id>"
+
+
+def test_the_span_is_named_by_the_route_and_continues_the_caller(
+    exporter: InMemorySpanExporter,
+) -> None:
+    response = Client(headers=HEADERS).get("/api/items/7")
+    assert response.status_code == 200
+    (span,) = ours(exporter)
+    assert span.name == f"GET {ROUTE}"
+    assert span.attributes is not None
+    assert span.attributes["http.route"] == ROUTE
+    assert span.attributes["http.response.status_code"] == 200
+    assert span.parent is not None
+    assert (span.context.trace_id, span.parent.span_id) == (REMOTE.trace_id, REMOTE.span_id)
+    assert span.attributes["lmnr.association.properties.user_id"] == "u-1"
+
+
+def test_an_unsampled_caller_is_not_recorded(exporter: InMemorySpanExporter) -> None:
+    traceparent = f"00-{REMOTE.trace_id:032x}-{REMOTE.span_id:016x}-00"
+    response = Client(headers={**HEADERS, "traceparent": traceparent}).get("/api/items/7")
+    assert response.status_code == 200
+    assert ours(exporter) == []
+
+
+def test_a_streaming_response_ends_the_span_after_the_last_chunk(
+    exporter: InMemorySpanExporter,
+) -> None:
+    django_project.produced.clear()
+    response = Client().get("/api/stream")
+    chunks = iter(response.streaming_content)  # type: ignore[attr-defined]
+    next(chunks)
+    assert django_project.produced == ["chunk 0"]
+    assert ours(exporter) == []  # still streaming: the span is open
+    body = b"".join(chunks)
+    assert body == b"chunk 1\nchunk 2\n"
+    (span,) = ours(exporter)
+    assert span.name == "GET api/stream"
+
+
+def test_a_views_exception_is_recorded_and_djangos_500_is_sent(
+    exporter: InMemorySpanExporter,
+) -> None:
+    response = Client(raise_request_exception=False).get("/api/boom")
+    assert response.status_code == 500
+    (span,) = ours(exporter)
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in span.events] == ["exception"]
+    assert span.events[0].attributes is not None
+    assert span.events[0].attributes["exception.type"] == "ValueError"
+
+
+def test_under_a_real_wsgi_server(exporter: InMemorySpanExporter) -> None:
+    with run_wsgi(wsgi_app([OURS])) as url:
+        response = httpx.get(f"{url}/api/items/3", headers=HEADERS, timeout=10)
+    assert response.json() == {"item": 3}
+    wait_for_spans(exporter, lambda spans: bool(ours(exporter)))
+    (span,) = ours(exporter)
+    assert span.name == f"GET {ROUTE}"
+    assert span.parent is not None and span.parent.span_id == REMOTE.span_id
+
+
+def test_under_uvicorn_with_an_async_view(exporter: InMemorySpanExporter) -> None:
+    with run_uvicorn(asgi_app([OURS]), lifespan="off") as url:
+        response = httpx.get(f"{url}/api/async/5", headers=HEADERS, timeout=10)
+    assert response.json() == {"item": 5}
+    wait_for_spans(exporter, lambda spans: bool(ours(exporter)))
+    (span,) = ours(exporter)
+    assert span.name == "GET api/async/<int:item_id>"
+    assert span.parent is not None and span.parent.span_id == REMOTE.span_id
+
+
+def test_beside_the_contrib_django_instrumentation_one_server_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    from opentelemetry.instrumentation.django import DjangoInstrumentor
+
+    DjangoInstrumentor().instrument()
+    try:
+        response = Client(headers=HEADERS).get("/api/items/7")
+    finally:
+        DjangoInstrumentor().uninstrument()
+    assert response.status_code == 200
+    servers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+    assert len(servers) == 1
+    (span,) = servers
+    assert span.instrumentation_scope is not None
+    assert span.instrumentation_scope.name == "opentelemetry.instrumentation.django"
+    assert span.attributes is not None
+    assert span.attributes["http.route"] == ROUTE
+    # Ours gave contrib's span Laminar's path instead of opening a second span.
+    assert span.attributes["lmnr.span.path"][-1] == f"GET {ROUTE}"
+
+
+@pytest.mark.parametrize(
+    "options", ["not a dict", {"trust": "bogus"}, {"no_such_option": 1}, {"excluded_paths": 3}]
+)
+def test_bad_settings_are_logged_and_the_request_is_served(
+    options: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "laminar_middleware")
+    with override_settings(LAMINAR_MIDDLEWARE=options):
+        response = Client(headers=HEADERS).get("/api/items/7")
+    assert response.status_code == 200
+    assert response.json() == {"item": 7}
+    assert any("laminar_middleware" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("middleware", [[], [OURS]], ids=["not in MIDDLEWARE", "in MIDDLEWARE"])
+def test_instrument_puts_the_middleware_in_every_handler_once(
+    middleware: list[str], exporter: InMemorySpanExporter
+) -> None:
+    from support.raw_apps import call_wsgi, wsgi_environ
+
+    from laminar_middleware import instrument, uninstrument
+
+    instrument()
+    try:
+        app = wsgi_app(middleware)
+    finally:
+        uninstrument()
+    header = [(b"x-laminar-span-context", REMOTE.serialize().encode())]
+    status, _, body = call_wsgi(app, wsgi_environ(header, "/api/items/9"))
+    assert (status, body) == ("200 OK", b'{"item": 9}')
+    (span,) = ours(exporter)
+    assert span.name == f"GET {ROUTE}"
+    assert span.parent is not None and span.parent.span_id == REMOTE.span_id
