@@ -21,7 +21,7 @@ from typing import Any, Final
 from ._guard import contained, log_bad_setting
 from ._server import InboundRequest, InboundTracer
 from ._server_request import ServerRequest
-from .config import tolerant_options
+from .config import INBOUND_OPTIONS
 from .wsgi import _GETTER, _environ_key, _server_address, _wire_bytes
 
 __all__ = ["LaminarMiddleware", "add_to_handler"]
@@ -30,11 +30,6 @@ MIDDLEWARE_PATH: Final = "laminar_middleware.django.LaminarMiddleware"
 
 # Where the per-request object waits for process_view, process_exception and close().
 _REQUEST_ATTRIBUTE: Final = "_laminar_request"
-
-
-@tolerant_options
-def _tracer(**options: Any) -> InboundTracer:
-    return InboundTracer(**options)
 
 
 class LaminarMiddleware:
@@ -142,11 +137,19 @@ class LaminarMiddleware:
 
 
 def _configured(options: object) -> InboundTracer:
-    if isinstance(options, dict) and options:
-        with _CONFIGURING:
-            return _tracer(**{str(k): v for k, v in options.items()})
-    elif options is not None and not isinstance(options, dict):
+    """The tracer for these options: unknown names and a non-dict are logged and ignored."""
+    if options is not None and not isinstance(options, dict):
         log_bad_setting("settings.LAMINAR_MIDDLEWARE", options, "a dict of options", "none")
+        options = None
+    known: dict[str, Any] = {}
+    for name, value in (options or {}).items():
+        if name in INBOUND_OPTIONS:
+            known[name] = value
+        else:
+            accepted = ", ".join(INBOUND_OPTIONS)
+            log_bad_setting(f"settings.LAMINAR_MIDDLEWARE[{name!r}]", value, accepted, "nothing")
+    with _CONFIGURING:
+        return InboundTracer(**known)
     return InboundTracer()
 
 

@@ -7,6 +7,7 @@ instrumentation, one SERVER span; bad settings never stop a request."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import httpx
 import pytest
@@ -156,3 +157,30 @@ def test_instrument_puts_the_middleware_in_every_handler_once(
     (span,) = ours(exporter)
     assert span.name == f"GET {ROUTE}"
     assert span.parent is not None and span.parent.span_id == REMOTE.span_id
+
+
+def test_the_hooks_get_djangos_request_and_the_response(exporter: InMemorySpanExporter) -> None:
+    seen: list[object] = []
+
+    def on_request(span: Any, request: Any) -> None:
+        span.set_attribute("app.tenant", request.headers["x-tenant"])
+
+    def on_response(span: Any, status: Any, headers: Any) -> None:
+        seen.append((status, dict(headers)["x-app"]))
+
+    hooks = {"server_request_hook": on_request, "server_response_hook": on_response}
+    with override_settings(LAMINAR_MIDDLEWARE=hooks):
+        response = Client(headers={"x-tenant": "t-1"}).get("/api/items/7")
+    assert response.status_code == 200
+    (span,) = ours(exporter)
+    assert span.attributes is not None
+    assert span.attributes["app.tenant"] == "t-1"
+    assert seen == [(200, "1")]
+
+
+def test_options_from_settings_apply(exporter: InMemorySpanExporter) -> None:
+    with override_settings(LAMINAR_MIDDLEWARE={"excluded_paths": ["/api/items/7"]}):
+        assert Client().get("/api/items/7").status_code == 200
+        assert ours(exporter) == []
+        assert Client().get("/api/items/8").status_code == 200
+    assert [s.name for s in ours(exporter)] == [f"GET {ROUTE}"]
