@@ -6,8 +6,10 @@ Starlette and FastAPI build their middleware stack at the first request
 (`build_middleware_stack`, where the middleware is put first), Flask apps are wrapped when
 built and, if built earlier, at their first request. requests sessions go through the
 class's `send`, so every session is covered; httpx fixes a client's transport when the
-client is built, so only clients built afterwards are. Django handlers get the middleware
-outermost when they load their middleware (Django builds a handler when it starts serving).
+client is built, so only clients built afterwards are (aiohttp sessions likewise). Django
+handlers get the middleware outermost when they load their middleware (Django builds a
+handler when it starts serving); aiohttp applications get it first when they freeze their
+middleware list, before they serve.
 Celery is covered through its signals, for every app, RQ through its queue, job and worker
 classes, and Dramatiq brokers (the global one, and every one built afterwards) get
 `LaminarMiddleware` first.
@@ -39,6 +41,7 @@ _lock = threading.Lock()
 _INSTRUMENTING_ASGI: Final = contained("instrumenting a Starlette or FastAPI app")
 _INSTRUMENTING_FLASK: Final = contained("instrumenting a Flask app")
 _INSTRUMENTING_DJANGO: Final = contained("instrumenting a Django handler")
+_INSTRUMENTING_AIOHTTP: Final = contained("instrumenting an aiohttp application")
 # (class, attribute name, original function) for everything patched, to undo it.
 _patched: list[tuple[type, str, Callable[..., Any]]] = []
 _clients_instrumented: list[str] = []
@@ -83,12 +86,14 @@ def instrument(**options: Any) -> None:
         _patch("flask.app", "Flask", "__init__", _after_flask_init(inbound))
         _patch("flask.app", "Flask", "__call__", _before_flask_call(inbound))
         _patch("django.core.handlers.base", "BaseHandler", "load_middleware", _django(inbound))
+        _patch("aiohttp.web_app", "Application", "pre_freeze", _aiohttp_app(inbound))
         queue: dict[str, Any] = {
             k: inbound[k] for k in ("tracer_provider", "trust") if k in inbound
         }
         for library, module, chosen in (
             ("httpx", ".httpx", outbound),
             ("requests", ".requests", outbound),
+            ("aiohttp", ".aiohttp", outbound),
             ("celery", ".celery", queue),
             ("rq", ".rq", queue),
         ):
@@ -258,6 +263,23 @@ def _django(options: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[
                 add_to_handler(self, is_async, options)
 
         return load_middleware
+
+    return make
+
+
+def _aiohttp_app(options: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    # Every application freezes its middleware list before it serves (a sub-application
+    # when it is added): the last moment to add ours, also to an app built earlier.
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def pre_freeze(self: Any) -> None:
+            if not self.pre_frozen:
+                with _INSTRUMENTING_AIOHTTP:
+                    from ._aiohttp_server import add_to_app
+
+                    add_to_app(self, options)
+            original(self)
+
+        return pre_freeze
 
     return make
 

@@ -203,6 +203,9 @@ class OutgoingRequest(NamedTuple):
     present: Container[str]
     # Headers an earlier send of this request (or the hop it was redirected from) added.
     previous: Mapping[str, str] | None
+    # What the hooks are given as the request, when it is not `key` (aiohttp: the key is
+    # the headers every trace config of one call shares, the hooks get its start params).
+    native: object = None
 
 
 # The entry points where a client library calls into a call's work: each step is contained
@@ -220,10 +223,11 @@ class Call:
     context token. Every method is safe to call in any state and contains its own
     failures: these are the adapters' boundaries after the send."""
 
-    __slots__ = ("_ended", "injected", "key", "response_hook", "span", "token")
+    __slots__ = ("_ended", "injected", "key", "native", "response_hook", "span", "token")
 
-    def __init__(self, key: object) -> None:
+    def __init__(self, key: object, native: object = None) -> None:
         self.key = key
+        self.native = key if native is None else native
         self.span: Span | None = None
         # Called once, with the first response, when our span records.
         self.response_hook: ClientResponseHook | None = None
@@ -248,7 +252,7 @@ class Call:
         hook, self.response_hook = self.response_hook, None
         if hook is not None:
             with _RESPONSE_HOOK:
-                hook(span, self.key, response)
+                hook(span, self.native, response)
 
     def error(self, exc: BaseException) -> None:
         """The call (or reading its body) raised `exc`."""
@@ -350,7 +354,7 @@ class OutboundHook:
         outer = cast("Call | None", ctx.get(_CALL_KEY))
         if outer is not None:
             if outer.key is not request.key:
-                self._redirect_hop(outer, request)
+                self.redirect_hop(outer.injected, request)
             return None
         if request.previous:
             _strip(request.headers, request.previous)
@@ -368,7 +372,7 @@ class OutboundHook:
                 if value is not None:
                     request.headers[HEADER_NAME] = value.serialize()
             return None
-        call = Call(request.key)
+        call = Call(request.key, request.native)
         if not self.client_spans:
             if self.may_send(request):
                 self._inject(call, request, span_context_of(parent), ctx)
@@ -389,7 +393,7 @@ class OutboundHook:
             call.end()
             raise
         if span.is_recording():
-            self._hook_request(call, span, request.key)
+            self._hook_request(call, span, call.native)
         return call
 
     def _hook_request(self, call: Call, span: Span, native_request: object) -> None:
@@ -504,10 +508,9 @@ class OutboundHook:
             headers[TRACEPARENT] = value
             added[TRACEPARENT] = value
 
-    def _redirect_hop(self, outer: Call, request: OutgoingRequest) -> None:
-        """A new request sent from inside our call (requests following a redirect): keep
-        the headers we added only if the new target may receive them."""
-        added = outer.injected
+    def redirect_hop(self, added: Mapping[str, str], request: OutgoingRequest) -> None:
+        """The call goes on to a new target (a redirect) with the same headers: keep the
+        headers we `added` only if the new target may receive them."""
         if not added:
             return
         headers = request.headers

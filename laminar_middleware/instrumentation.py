@@ -16,8 +16,9 @@ __all__ = ["LaminarInstrumentor"]
 
 
 class LaminarInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """Every Starlette/FastAPI/Flask app built afterwards gets the inbound middleware, every
-    httpx client and requests session the outbound hook. Options as `instrument()`."""
+    """Every Starlette, FastAPI, Flask, Django and aiohttp app gets the inbound middleware,
+    every httpx client, requests session and aiohttp session made afterwards the outbound
+    hook, every task queue its hooks. Options as `instrument()`."""
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ()

@@ -1,4 +1,4 @@
-"""The contract both client hooks keep, run once for httpx and once for requests against a
+"""The contract every client hook keeps, run for httpx, requests and aiohttp against a
 real uvicorn echo server on 127.0.0.1: where the headers may go, a header the caller set,
 errors on the span, and a failing span processor or `propagate_to` callable changing
 nothing. What only one library has (httpx transports and mounts, requests adapters and
@@ -11,12 +11,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import requests
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from support.aiohttp_sync import SyncSession
 from support.outbound import (
     SIGV4,
     TRACER,
@@ -38,6 +40,7 @@ from laminar_middleware import (
     instrument_httpx,
     instrument_requests,
 )
+from laminar_middleware.aiohttp import instrument_aiohttp
 
 TRACEPARENT = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
 
@@ -75,6 +78,13 @@ LIBRARIES = [
         instrument_requests,
         requests.exceptions.ConnectionError,
         "requests.exceptions.ConnectionError",
+    ),
+    Library(
+        "aiohttp",
+        SyncSession,
+        lambda session, **options: instrument_aiohttp(session.session, **options),
+        aiohttp.ClientConnectorError,
+        "aiohttp.client_exceptions.ClientConnectorError",
     ),
 ]
 

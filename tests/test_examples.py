@@ -24,7 +24,7 @@ import httpx
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from support.servers import run_uvicorn, run_wsgi, wait_for_spans
+from support.servers import run_aiohttp, run_uvicorn, run_wsgi, wait_for_spans
 
 from laminar_middleware import HEADER_NAME, LaminarSpanContext
 
@@ -56,6 +56,7 @@ def run_example(
 def test_the_expected_examples_exist() -> None:
     assert set(ALL) >= {
         "database_storage.py",
+        "aiohttp_service.py",
         "fastapi_service.py",
         "flask_service.py",
         "httpx_client.py",
@@ -142,6 +143,35 @@ def test_fastapi_and_flask_services_make_one_trace(exporter: InMemorySpanExporte
 
     # excluded_paths=["/health"]: no SERVER span for the health check.
     assert [s.name for s in health if s.kind is SpanKind.SERVER] == []
+
+
+def test_aiohttp_service_continues_the_caller_and_calls_on(
+    exporter: InMemorySpanExporter,
+) -> None:
+    from laminar_middleware.aiohttp import uninstrument_aiohttp
+
+    service_a = load("fastapi_service.py")
+    service_c = load("aiohttp_service.py")
+    caller = LaminarSpanContext(0xABC, 0xDEF)
+    try:
+        with run_uvicorn(service_a.app) as url_a, run_aiohttp(service_c.make_app()) as url_c:
+            service_c.SERVICE_A_URL = url_a
+            headers = {HEADER_NAME: caller.serialize()}
+            response = httpx.get(f"{url_c}/work", headers=headers, timeout=10)
+            assert response.json() == {"done": True, "service_a": {"hello": "world"}}
+            spans = wait_for_spans(
+                exporter, lambda s: sum(x.kind is SpanKind.SERVER for x in s) >= 2
+            )
+    finally:
+        uninstrument_aiohttp()
+    servers = {s.name: s for s in spans if s.kind is SpanKind.SERVER}
+    assert set(servers) == {"GET /work", "GET /hello"}
+    work, hello = servers["GET /work"], servers["GET /hello"]
+    assert work.parent is not None and work.parent.span_id == caller.span_id
+    assert {s.context.trace_id for s in servers.values()} == {caller.trace_id}
+    (client,) = [s for s in spans if s.kind is SpanKind.CLIENT]
+    assert client.parent is not None and client.parent.span_id == work.context.span_id
+    assert hello.parent is not None and hello.parent.span_id == client.context.span_id
 
 
 def test_send_to_laminar_does_not_initialize_at_import() -> None:
@@ -263,6 +293,7 @@ def test_every_example_is_exercised_by_a_test_here() -> None:
     ran = {
         "queue_worker.py",
         "database_storage.py",
+        "aiohttp_service.py",
         "fastapi_service.py",
         "flask_service.py",
         "send_to_laminar.py",

@@ -282,3 +282,37 @@ def test_bad_values_start_the_app_fail_closed_and_are_reported_once(
         assert a_server["context"]["trace_id"] == caller_trace
         assert b_server["context"]["trace_id"] != caller_trace
         assert b_server["parent_id"] is None
+
+
+def test_django_and_aiohttp_with_no_code_of_ours(tmp_path: Path) -> None:
+    from importlib.metadata import entry_points
+
+    contrib = [e.name for e in entry_points(group="opentelemetry_instrumentor")]
+    env = {
+        **os.environ,
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        # This package alone: the contrib instrumentors would open the spans themselves.
+        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": ",".join(n for n in contrib if n != "laminar"),
+        "PYTHONPATH": str(Path(__file__).parent / "support"),
+    }
+    result = subprocess.run(
+        [str(BIN / "opentelemetry-instrument"), sys.executable, "-m", "zero_code_django_aiohttp"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    spans = json.loads(result.stdout.strip().splitlines()[-1])
+    by_id = {s["span_id"]: s for s in spans}
+    (caller,) = [s for s in spans if s["name"] == "caller"]
+    servers = {s["name"]: s for s in spans if s["kind"] == "SERVER"}
+    assert set(servers) == {"GET items/<int:item_id>", "GET /items/{item_id}"}
+    for server in servers.values():
+        client = by_id[server["parent_id"]]
+        assert client["kind"] == "CLIENT"
+        assert client["parent_id"] == caller["span_id"]
+    assert {s["trace_id"] for s in spans} == {caller["trace_id"]}

@@ -3,7 +3,8 @@
 Usage: `python readme_block.py BLOCK_FILE GIVEN`. GIVEN names what the block's prose
 assumes the reader already has (`app`: a FastAPI app; `queue`: a queue; `-`: nothing).
 After the block: an `app` it defines is served by a real server (uvicorn, or Werkzeug for a
-WSGI app) and called with a Laminar header; a `client` / `session` it defines calls an echo
+WSGI app, aiohttp's runner for an aiohttp app) and called with a Laminar header; a `client` /
+`session` it defines (or an aiohttp session, when it called `instrument_aiohttp`) calls an echo
 server inside a span. Prints one JSON object: the spans the SDK finished and what the calls
 saw.
 """
@@ -58,6 +59,58 @@ def serve_asgi(app: Any) -> tuple[str, Any]:
     return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
+def _is_aiohttp(app: Any) -> bool:
+    return type(app).__module__.startswith("aiohttp.")
+
+
+def serve_aiohttp(app: Any) -> tuple[str, Any]:
+    import asyncio
+
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    started = threading.Event()
+
+    def serve() -> None:
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.SockSite(runner, sock).start())
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started.wait(10)
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+class _AiohttpCaller:
+    """A new aiohttp session per call, in the caller's context (its current span)."""
+
+    class _Answer:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+    def get(self, url: str) -> _Answer:
+        import asyncio
+
+        import aiohttp
+
+        async def call() -> str:
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                return await response.text()
+
+        return self._Answer(asyncio.run(call()))
+
+
 def echo_server() -> tuple[str, Any]:
     def echo(environ: Any, start_response: Any) -> list[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -95,7 +148,10 @@ def main() -> None:
     app = namespace.get("app")
     if app is not None:
         is_wsgi = hasattr(app, "wsgi_app") and not hasattr(app, "router")
-        url, stop = serve_wsgi(app) if is_wsgi else serve_asgi(app)
+        if _is_aiohttp(app):
+            url, stop = serve_aiohttp(app)
+        else:
+            url, stop = serve_wsgi(app) if is_wsgi else serve_asgi(app)
         import httpx
 
         answer = httpx.get(f"{url}/", headers={HEADER_NAME: CALLER.serialize()}, timeout=10)
@@ -103,6 +159,8 @@ def main() -> None:
         time.sleep(0.2)  # the span ends once the server has closed the response
         stop()
     calls = {name: namespace[name] for name in ("client", "session") if name in namespace}
+    if "instrument_aiohttp" in namespace:  # every session made afterwards: make one
+        calls["aiohttp"] = _AiohttpCaller()
     if calls:
         url, stop = echo_server()
         with trace.get_tracer("readme").start_as_current_span("caller"):

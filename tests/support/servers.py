@@ -131,3 +131,38 @@ def run_wsgi(app: Any) -> Iterator[str]:
         server.server_close()
         thread.join(10)
         in_flight.wait_idle(10)
+
+
+@contextmanager
+def run_aiohttp(app: Any) -> Iterator[str]:
+    """Serve an aiohttp application with its own runner, on a loop in a thread; yields its
+    base URL. Stopping waits for the runner's cleanup, bounded."""
+    import asyncio
+
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    sock = _bound_socket()
+    port = sock.getsockname()[1]
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.SockSite(runner, sock).start())
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    if not started.wait(10):
+        raise RuntimeError("aiohttp did not start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        sock.close()
