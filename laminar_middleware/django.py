@@ -10,7 +10,8 @@ request the same `request.META` (a WSGI environ, also under ASGI), so the header
 as the WSGI middleware reads them. The span is named `METHOD route` once Django has resolved
 the URL (`process_view`: `resolver_match.route`, with `include()` prefixes), records the
 exception of a view that Django turned into a 500 (`process_exception`), and ends when
-the server closes the response: after the last chunk of a streaming one.
+the server closes the response (after the last chunk of a streaming one), or when it drops
+the response unclosed.
 """
 
 from __future__ import annotations
@@ -159,21 +160,33 @@ def _route_of(request: Any) -> str | None:
 
 
 def _respond(server_request: ServerRequest, response: Any) -> None:
-    """The status now; the end when the server closes the response (after the last chunk)."""
+    """The status now; the end when the server closes the response (after the last chunk),
+    or when the response is dropped unclosed: Werkzeug's server skips `close()` when the
+    client hangs up first."""
     with _RESPONDING:
         headers = [(str(k), str(v)) for k, v in response.items()]
         server_request.response_started(int(response.status_code), headers)
-        close = response.close
-
-        def close_and_end() -> None:
-            try:
-                close()
-            finally:
-                _end(server_request)
-
-        response.close = close_and_end
+        # Django's own list of what close() runs: no cycle through the response, so it is
+        # freed (and the span ended) the moment the server lets it go.
+        response._resource_closers.append(_EndWithResponse(server_request))
         return
-    _end(server_request)  # the response could not be wrapped: end the span now
+    _end(server_request)  # the response could not be hooked: end the span now
+
+
+class _EndWithResponse:
+    """Ends the span when called by the response's `close()`, or when collected with it."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, server_request: ServerRequest) -> None:
+        self._request = server_request
+
+    def __call__(self) -> None:
+        _end(self._request)
+
+    def __del__(self) -> None:
+        if not self._request.ended:
+            _end(self._request)
 
 
 def _finish(server_request: ServerRequest, exc: BaseException) -> None:

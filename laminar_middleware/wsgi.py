@@ -6,7 +6,8 @@ URL and Werkzeug keeps the request (with its `url_rule`) in `environ["werkzeug.r
 
 The span is current while the app runs and while each chunk of the response is produced
 (a streaming generator's spans are its children), and it ends when the server calls the
-response iterable's `close()`, as every WSGI server does: after the last chunk.
+response iterable's `close()`, as WSGI servers do: after the last chunk (or, for a server
+that drops the response unclosed, when the response is freed).
 """
 
 from __future__ import annotations
@@ -263,6 +264,12 @@ class _ResponseIterable:
         finally:
             with _ENDING:
                 request.end()
+
+    def __del__(self) -> None:
+        # Werkzeug's server skips close() when the client hangs up first: end with the
+        # response rather than never.
+        if not self._request.ended:
+            _end(self._request)
 
 
 class _SizedResponseIterable(_ResponseIterable):

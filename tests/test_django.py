@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from support import django_project
 from support.django_project import OURS, asgi_app, wsgi_app
 from support.raw_apps import ours
-from support.servers import run_uvicorn, run_wsgi, wait_for_spans
+from support.servers import hang_up_while_werkzeug_drains, run_uvicorn, run_wsgi, wait_for_spans
 
 from laminar_middleware import LaminarSpanContext
 from laminar_middleware.codec import format_uuid
@@ -90,6 +90,19 @@ def test_under_a_real_wsgi_server(exporter: InMemorySpanExporter) -> None:
     (span,) = ours(exporter)
     assert span.name == f"GET {ROUTE}"
     assert span.parent is not None and span.parent.span_id == REMOTE.span_id
+
+
+def test_the_span_ends_when_the_server_drops_the_response_unclosed(
+    exporter: InMemorySpanExporter,
+) -> None:
+    # Werkzeug skips close() when the client resets the connection after its response.
+    received = hang_up_while_werkzeug_drains(wsgi_app([OURS]), "/api/items/4")
+    assert received.startswith(b"HTTP/1.1 200")
+    wait_for_spans(exporter, lambda spans: bool(ours(exporter)))
+    (span,) = ours(exporter)
+    assert span.name == f"GET {ROUTE}"
+    assert span.attributes is not None
+    assert span.attributes["http.response.status_code"] == 200
 
 
 def test_under_uvicorn_with_an_async_view(exporter: InMemorySpanExporter) -> None:

@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from support.servers import run_wsgi, wait_for_spans
+from support.servers import hang_up_while_werkzeug_drains, run_wsgi, wait_for_spans
 
 from laminar_middleware import HEADER_NAME, LaminarSpanContext, LaminarWSGIMiddleware
 from laminar_middleware.codec import format_uuid
@@ -407,3 +407,18 @@ def test_the_test_server_stops_only_after_the_last_span_has_ended(
         assert response.text == "ok"
         assert ours(list(exporter.get_finished_spans())) == []  # the body is still closing
     assert len(ours(list(exporter.get_finished_spans()))) == 1
+
+
+def test_the_span_ends_when_the_server_drops_the_response_unclosed(
+    exporter: InMemorySpanExporter,
+) -> None:
+    # Werkzeug skips close() when the client resets the connection after its response.
+    app = build_flask()
+    app.wsgi_app = LaminarWSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    received = hang_up_while_werkzeug_drains(app, "/items/9")
+    assert received.startswith(b"HTTP/1.1 200")
+    spans = wait_for_spans(exporter, lambda spans: bool(ours(spans)))
+    (span,) = ours(spans)
+    assert span.name == "GET /items/<int:item_id>"
+    assert span.attributes is not None
+    assert span.attributes["http.response.status_code"] == 200

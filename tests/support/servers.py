@@ -4,7 +4,9 @@ wait for spans that end on server threads."""
 
 from __future__ import annotations
 
+import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -166,3 +168,60 @@ def run_aiohttp(app: Any) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         sock.close()
+
+
+def hang_up_while_werkzeug_drains(app: Any, path: str) -> bytes:
+    """One GET served by Werkzeug's server, from a client that reads the whole response and
+    then resets the connection while the server drains the socket: Werkzeug's drain raises
+    and the response's `close()` is never called. Returns the response as received."""
+    from werkzeug.serving import make_server
+
+    started, go = threading.Event(), threading.Event()
+
+    def gated(environ: Any, start_response: Any) -> Any:
+        started.set()
+        go.wait(5)
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, gated, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=5) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            if not started.wait(5):
+                raise RuntimeError("the request never reached the app")
+            # Bytes the server has not read: its drain after the response finds them, then
+            # waits for more and gets the reset.
+            sock.sendall(b"unread")
+            go.set()
+            received = _read_response(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return received
+    finally:
+        go.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += _recv(sock)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    if length is None:  # chunked: up to the last, empty chunk
+        while not body.endswith(b"0\r\n\r\n"):
+            body += _recv(sock)
+    else:
+        while len(body) < int(length.group(1)):
+            body += _recv(sock)
+    return head + b"\r\n\r\n" + body
+
+
+def _recv(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise RuntimeError("the server closed the connection mid-response")
+    return chunk
