@@ -129,9 +129,13 @@ def _start(
     if server.excluded(path):
         return None
     headers = request.headers
-    values: list[str] = []
-    for name in names:
-        values.extend(headers.getall(name, ()))
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: undo it, so the codec sees
+    # the bytes as sent (and refuses invalid UTF-8, as it does behind every other server).
+    values = [
+        value.encode("utf-8", "surrogateescape")
+        for name in names
+        for value in headers.getall(name, ())
+    ]
     server_request = server.start(
         InboundRequest(
             request.method,

@@ -1,7 +1,9 @@
 """Whatever arrives, the response is the bare app's, byte for byte, and nothing escapes.
 
 Raw ASGI and raw WSGI calls (no server in between, so the headers are exactly as written
-here) through a Starlette app and a Flask app, each called bare and through the middleware.
+here) through a Starlette app, a Flask app and a Django project, each called bare and
+through the middleware; and raw bytes over a socket to an aiohttp application bare and with
+the middleware (aiohttp is neither ASGI nor WSGI, and its own parser refuses some of these).
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from opentelemetry import trace
@@ -30,6 +34,7 @@ from support.raw_apps import (
     ours,
     wsgi_environ,
 )
+from support.servers import run_aiohttp, wait_for_spans
 
 from laminar_middleware import (
     LaminarASGIMiddleware,
@@ -335,6 +340,63 @@ def test_hostile_headers_wsgi(case: Case, apps: Any, exporter: InMemorySpanExpor
     (span,) = ours(exporter)
     check_span(span, case.wsgi, case.parent)
     assert span.name == name
+
+
+def aiohttp_app(wrapped: bool) -> Any:
+    from aiohttp import web
+
+    from laminar_middleware.aiohttp import middleware
+
+    async def item(request: web.Request) -> web.Response:
+        return web.json_response({"item": request.match_info["item_id"]}, headers={"x-app": "1"})
+
+    app = web.Application(middlewares=[middleware()] if wrapped else [])
+    app.router.add_get("/items/{item_id}", item)
+    return app
+
+
+@pytest.fixture(scope="module")
+def aiohttp_servers() -> Iterator[tuple[str, str]]:
+    with run_aiohttp(aiohttp_app(False)) as bare, run_aiohttp(aiohttp_app(True)) as wrapped:
+        yield bare, wrapped
+
+
+def raw_get(url: str, headers: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
+    """The headers exactly as written (aiohttp is neither ASGI nor WSGI: only a socket
+    reaches it); the response without its Date line."""
+    address = urlsplit(url)
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    request = b"GET /items/7 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    received = b""
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        try:
+            sock.sendall(request + lines + b"\r\n")
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:  # refused mid-request: what arrived before the reset
+            received += b"\r\n\r\n(reset)"
+    head, _, body = received.partition(b"\r\n\r\n")
+    kept = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"date:")]
+    return b"\r\n".join(kept), body
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+def test_hostile_headers_aiohttp(
+    case: Case, aiohttp_servers: tuple[str, str], exporter: InMemorySpanExporter
+) -> None:
+    bare, wrapped = aiohttp_servers
+    expected = raw_get(bare, case.headers)
+    exporter.clear()
+    got = raw_get(wrapped, case.headers)
+    assert got == expected
+    if not expected[0].startswith(b"HTTP/1.1 200"):
+        # aiohttp's own parser refused the request: the middleware never ran.
+        assert ours(exporter) == []
+        return
+    wait_for_spans(exporter, lambda spans: bool(ours(exporter)))
+    (span,) = ours(exporter)
+    check_span(span, case.asgi_continues, case.parent)
+    assert span.name == "GET /items/{item_id}"
 
 
 def test_bad_headers_are_logged_rate_limited_and_never_in_full(
