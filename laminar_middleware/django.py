@@ -16,7 +16,7 @@ the response unclosed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Final
 
 from ._guard import contained, log_bad_setting
@@ -166,11 +166,63 @@ def _respond(server_request: ServerRequest, response: Any) -> None:
     with _RESPONDING:
         headers = [(str(k), str(v)) for k, v in response.items()]
         server_request.response_started(int(response.status_code), headers)
+        if (
+            getattr(response, "streaming", False)
+            and getattr(response, "file_to_stream", None) is None
+        ):
+            _stream_inside(server_request, response)
         # Django's own list of what close() runs: no cycle through the response, so it is
         # freed (and the span ended) the moment the server lets it go.
         response._resource_closers.append(_EndWithResponse(server_request))
         return
     _end(server_request)  # the response could not be hooked: end the span now
+
+
+def _stream_inside(server_request: ServerRequest, response: Any) -> None:
+    """A streaming response's chunks are made with the span current, as the view's code is
+    (the server iterates them after the middleware returned). The parts are taken before
+    Django maps them to bytes: no reference back to the response, which must stay free of
+    cycles. A file streamed by the server's file wrapper is left alone."""
+    parts = response._iterator
+    if response.is_async:
+        response.streaming_content = _async_parts(parts, server_request)
+    else:
+        response.streaming_content = _parts(parts, server_request)
+
+
+def _parts(parts: Iterator[Any], server_request: ServerRequest) -> Iterator[Any]:
+    while True:
+        # Current while each part is made only: not while the server writes it.
+        tokens = server_request.attach()
+        try:
+            part = next(parts)
+        except StopIteration:
+            return
+        except BaseException as exc:
+            with _FAILED:
+                server_request.fail(exc)
+            raise
+        finally:
+            server_request.detach(tokens)
+        yield part
+
+
+async def _async_parts(
+    parts: AsyncIterator[Any], server_request: ServerRequest
+) -> AsyncIterator[Any]:
+    while True:
+        tokens = server_request.attach()
+        try:
+            part = await anext(parts)
+        except StopAsyncIteration:
+            return
+        except BaseException as exc:
+            with _FAILED:
+                server_request.fail(exc)
+            raise
+        finally:
+            server_request.detach(tokens)
+        yield part
 
 
 class _EndWithResponse:

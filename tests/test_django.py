@@ -115,6 +115,21 @@ def test_under_uvicorn_with_an_async_view(exporter: InMemorySpanExporter) -> Non
     assert span.parent is not None and span.parent.span_id == REMOTE.span_id
 
 
+def test_an_async_streaming_responses_chunks_are_made_inside_the_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    with run_uvicorn(asgi_app([OURS]), lifespan="off") as url:
+        response = httpx.get(f"{url}/api/async-stream", headers=HEADERS, timeout=10)
+    assert response.text == "chunk 0\nchunk 1\nchunk 2\n"
+    spans = wait_for_spans(exporter, lambda spans: bool(ours(exporter)))
+    (server,) = ours(exporter)
+    assert server.name == "GET api/async-stream"
+    chunks = [s for s in spans if s.name.startswith("chunk ")]
+    assert len(chunks) == 3
+    assert all(c.parent is not None and c.parent.span_id == server.context.span_id for c in chunks)
+    assert all(c.end_time is not None and c.end_time <= server.end_time for c in chunks)  # type: ignore[operator]
+
+
 def test_beside_the_contrib_django_instrumentation_one_server_span(
     exporter: InMemorySpanExporter,
 ) -> None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -35,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from support.servers import run_uvicorn, run_wsgi, wait_for_spans
+from support.servers import run_aiohttp, run_uvicorn, run_wsgi, wait_for_spans
 
 from laminar_middleware import (
     HEADER_NAME,
@@ -338,4 +339,134 @@ def test_100_concurrent_threaded_wsgi_requests_each_see_their_own_context(
     spans = wait_for_spans(exporter, lambda s: len(ours(s)) >= WSGI_REQUESTS, 20.0)
     servers = check_server_spans(spans, remotes, echoed)
     check_children(spans, servers, "view")
+    check_children(spans, servers, "body")
+
+
+# -- Django under Werkzeug's threaded server ------------------------------------------------
+
+
+def django_ctx(in_view: threading.Barrier, in_body: threading.Barrier) -> Any:
+    from django.http import HttpRequest, StreamingHttpResponse
+
+    def ctx(request: HttpRequest) -> StreamingHttpResponse:
+        before = here()
+        in_view.wait()  # every request is inside a view now
+        after = here("view")
+
+        def body() -> Iterator[bytes]:
+            yield (serialize_span_context() or "").encode() + b"\n"
+            in_body.wait()  # every response is being streamed now
+            yield here("body").encode()
+
+        return StreamingHttpResponse(
+            body(),
+            headers={
+                "x-echo": serialize_span_context() or "",
+                "x-before": before,
+                "x-after": after,
+            },
+        )
+
+    return ctx
+
+
+@pytest.mark.timeout(120)
+def test_100_concurrent_django_requests_each_see_their_own_context(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from support import django_project
+
+    remotes = callers(WSGI_REQUESTS, seed=101)
+    in_view = threading.Barrier(WSGI_REQUESTS, timeout=GATE_TIMEOUT)
+    in_body = threading.Barrier(WSGI_REQUESTS, timeout=GATE_TIMEOUT)
+    monkeypatch.setattr(django_project, "ctx_view", django_ctx(in_view, in_body))
+
+    def call(index: int) -> requests.Response:
+        return requests.get(
+            f"{url}/ctx", headers={HEADER_NAME: remotes[index].serialize()}, timeout=60
+        )
+
+    app = django_project.wsgi_app([django_project.OURS])
+    with run_wsgi(app) as url, ThreadPoolExecutor(WSGI_REQUESTS) as pool:
+        responses = list(pool.map(call, range(WSGI_REQUESTS)))
+    assert not in_view.broken and not in_body.broken
+
+    echoed = []
+    for remote, response in zip(remotes, responses, strict=True):
+        assert response.status_code == 200
+        seen = check_echo(response.headers["x-echo"], remote, "GET ctx")
+        own = f"{remote.trace_id:032x}-{seen.span_id:016x}"
+        assert response.headers["x-before"] == response.headers["x-after"] == own
+        first, second = response.content.split(b"\n")
+        assert check_echo(first.decode(), remote, "GET ctx") == seen
+        assert second.decode() == own
+        echoed.append(seen)
+
+    spans = wait_for_spans(exporter, lambda s: len(ours(s)) >= WSGI_REQUESTS, 20.0)
+    servers = check_server_spans(spans, remotes, echoed)
+    check_children(spans, servers, "view")
+    check_children(spans, servers, "body")
+
+
+# -- aiohttp under its own runner -----------------------------------------------------------
+
+
+def aiohttp_app(gate: Gate) -> Any:
+    from aiohttp import web
+
+    from laminar_middleware.aiohttp import middleware
+
+    async def ctx(request: web.Request) -> web.StreamResponse:
+        before = here()
+        await gate.wait()
+        after = here()  # after hundreds of other handlers ran on this loop
+        in_thread = await asyncio.to_thread(here, "to_thread")
+        response = web.StreamResponse(
+            headers={
+                "x-echo": serialize_span_context() or "",
+                "x-before": before,
+                "x-after": after,
+                "x-thread": in_thread,
+            }
+        )
+        await response.prepare(request)
+        await asyncio.sleep(0)
+        await response.write(here("body").encode())
+        return response
+
+    app = web.Application(middlewares=[middleware()])
+    app.router.add_get("/ctx", ctx)
+    return app
+
+
+@pytest.mark.timeout(120)
+async def test_300_concurrent_aiohttp_requests_each_see_their_own_context(
+    exporter: InMemorySpanExporter,
+) -> None:
+    gate = Gate(ASGI_REQUESTS)
+    remotes = callers(ASGI_REQUESTS, seed=301)
+    limits = httpx.Limits(max_connections=ASGI_REQUESTS + 10, max_keepalive_connections=0)
+    with run_aiohttp(aiohttp_app(gate), backlog=4096) as url:
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.get(f"{url}/ctx", headers={HEADER_NAME: remote.serialize()})
+                    for remote in remotes
+                )
+            )
+    assert gate.peak == ASGI_REQUESTS
+
+    echoed = []
+    for remote, response in zip(remotes, responses, strict=True):
+        assert response.status_code == 200
+        seen = check_echo(response.headers["x-echo"], remote, "GET /ctx")
+        own = f"{remote.trace_id:032x}-{seen.span_id:016x}"
+        for name in ("x-before", "x-after", "x-thread"):
+            assert response.headers[name] == own, name
+        assert response.text == own
+        echoed.append(seen)
+
+    spans = wait_for_spans(exporter, lambda s: len(ours(s)) >= ASGI_REQUESTS, 20.0)
+    servers = check_server_spans(spans, remotes, echoed)
+    check_children(spans, servers, "to_thread")
     check_children(spans, servers, "body")

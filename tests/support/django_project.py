@@ -4,7 +4,7 @@ views, and the WSGI and ASGI handlers built with or without the middleware."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import django
@@ -48,8 +48,29 @@ def stream(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(chunks())
 
 
+async def async_stream(request: HttpRequest) -> StreamingHttpResponse:
+    from opentelemetry import trace
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for n in range(3):
+            with trace.get_tracer("tests.django").start_as_current_span(f"chunk {n}"):
+                await asyncio.sleep(0)
+            yield b"chunk %d\n" % n
+
+    return StreamingHttpResponse(chunks())
+
+
 def boom(request: HttpRequest) -> HttpResponse:
     raise ValueError("the view failed")
+
+
+# The view behind `/ctx`, supplied by the test that serves it (the URL conf is per process).
+ctx_view: Callable[[HttpRequest], HttpResponse] | None = None
+
+
+def ctx(request: HttpRequest) -> HttpResponse:
+    assert ctx_view is not None, "set django_project.ctx_view first"
+    return ctx_view(request)
 
 
 urlpatterns = [
@@ -60,11 +81,13 @@ urlpatterns = [
                 path("items/<int:item_id>", item),
                 path("async/<int:item_id>", async_item),
                 path("stream", stream),
+                path("async-stream", async_stream),
                 path("boom", boom),
             ]
         ),
     ),
     path("items/<item_id>", item),
+    path("ctx", ctx),
 ]
 
 

@@ -136,7 +136,7 @@ def run_wsgi(app: Any) -> Iterator[str]:
 
 
 @contextmanager
-def run_aiohttp(app: Any) -> Iterator[str]:
+def run_aiohttp(app: Any, backlog: int = 128) -> Iterator[str]:
     """Serve an aiohttp application with its own runner, on a loop in a thread; yields its
     base URL. Stopping waits for the runner's cleanup, bounded."""
     import asyncio
@@ -152,7 +152,7 @@ def run_aiohttp(app: Any) -> Iterator[str]:
     def serve() -> None:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.SockSite(runner, sock).start())
+        loop.run_until_complete(web.SockSite(runner, sock, backlog=backlog).start())
         started.set()
         loop.run_forever()
         loop.run_until_complete(runner.cleanup())
