@@ -9,9 +9,9 @@ keyword options), then the environment, as for every middleware here. Django han
 request the same `request.META` (a WSGI environ, also under ASGI), so the headers are read
 as the WSGI middleware reads them. The span is named `METHOD route` once Django has resolved
 the URL (`process_view`: `resolver_match.route`, with `include()` prefixes), records the
-exception of a view that Django turned into a 500 (`process_exception`), and ends when
-the server closes the response (after the last chunk of a streaming one), or when it drops
-the response unclosed.
+exception of a view that Django turned into a 500 (`process_exception`), is current while
+a streaming response's chunks are made, and ends when the server closes the response (after
+the last chunk of a streaming one), or when it drops the response unclosed.
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,6 +59,7 @@ def test_the_expected_examples_exist() -> None:
     assert set(ALL) >= {
         "database_storage.py",
         "aiohttp_service.py",
+        "django_service.py",
         "fastapi_service.py",
         "flask_service.py",
         "httpx_client.py",
@@ -172,6 +175,72 @@ def test_aiohttp_service_continues_the_caller_and_calls_on(
     (client,) = [s for s in spans if s.kind is SpanKind.CLIENT]
     assert client.parent is not None and client.parent.span_id == work.context.span_id
     assert hello.parent is not None and hello.parent.span_id == client.context.span_id
+
+
+def console_spans(text: str) -> list[dict[str, Any]]:
+    """The spans `ConsoleSpanExporter` printed: JSON objects one after another."""
+    decoder, spans, at = json.JSONDecoder(), [], 0
+    while (start := text.find("{", at)) != -1:
+        span, at = decoder.raw_decode(text, start)
+        spans.append(span)
+    return spans
+
+
+def test_django_service_continues_the_caller_and_calls_on(
+    exporter: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    # As a reader runs it: its own process, its own settings, Django's development server.
+    service_a = load("fastapi_service.py")
+    caller = LaminarSpanContext(0xABC, 0xDEF)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = tmp_path / "stdout.txt"
+    with run_uvicorn(service_a.app) as url_a, output.open("w") as out:
+        env = {**os.environ, "PORT": str(port), "SERVICE_A_URL": url_a, "PYTHONUNBUFFERED": "1"}
+        service = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "django_service.py")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert httpx.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline or service.poll() is not None:
+                        raise
+                    time.sleep(0.1)
+            headers = {HEADER_NAME: caller.serialize()}
+            response = httpx.get(f"{url}/work", headers=headers, timeout=10)
+            assert response.json() == {"done": True, "service_a": {"hello": "world"}}
+            (hello,) = [
+                s
+                for s in wait_for_spans(exporter, lambda s: any(x.name == "GET /hello" for x in s))
+                if s.name == "GET /hello"
+            ]
+            deadline = time.monotonic() + 10
+            while '"GET work"' not in output.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            service.terminate()
+            service.wait(10)
+    spans = console_spans(output.read_text())
+    servers = [s for s in spans if s["kind"] == "SpanKind.SERVER"]
+    assert [s["name"] for s in servers] == ["GET work"]  # /health is excluded
+    (work,) = servers
+    assert work["parent_id"] == f"0x{caller.span_id:016x}"
+    assert work["context"]["trace_id"] == f"0x{caller.trace_id:032x}"
+    (client,) = [s for s in spans if s["kind"] == "SpanKind.CLIENT"]
+    assert client["parent_id"] == work["context"]["span_id"]
+    # Service A, in this process, continues the Django service's call.
+    assert hello.context.trace_id == caller.trace_id
+    assert hello.parent is not None
+    assert f"0x{hello.parent.span_id:016x}" == client["context"]["span_id"]
 
 
 def test_send_to_laminar_does_not_initialize_at_import() -> None:
@@ -294,6 +363,7 @@ def test_every_example_is_exercised_by_a_test_here() -> None:
         "queue_worker.py",
         "database_storage.py",
         "aiohttp_service.py",
+        "django_service.py",
         "fastapi_service.py",
         "flask_service.py",
         "send_to_laminar.py",
