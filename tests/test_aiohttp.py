@@ -17,7 +17,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from support.aiohttp_sync import SyncSession
-from support.outbound import client_spans, echo_server, laminar, only, other_host
+from support.outbound import (
+    client_spans,
+    closed_port_url,
+    echo_server,
+    laminar,
+    only,
+    other_host,
+)
 from support.servers import run_aiohttp, wait_for_spans
 
 from laminar_middleware import HEADER_NAME, LaminarSpanContext
@@ -62,12 +69,28 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(0.5)  # longer than the callers wait
+    return web.Response(text="late")
+
+
+async def echo_socket(request: web.Request) -> web.WebSocketResponse:
+    socket = web.WebSocketResponse()
+    await socket.prepare(request)
+    async for message in socket:
+        with TRACER.start_as_current_span("message"):
+            await socket.send_str(f"echo {message.data}")
+    return socket
+
+
 def make_app(*middlewares: Any) -> web.Application:
     app = web.Application(middlewares=list(middlewares))
     app.router.add_get("/items/{item_id}", item)
     app.router.add_get("/boom", boom)
     app.router.add_get("/moved", moved)
     app.router.add_get("/stream", stream)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/ws/{room}", echo_socket)
     admin = web.Application()
     admin.router.add_get("/users/{user_id}", user)
     app.add_subapp("/admin", admin)
@@ -128,6 +151,20 @@ def test_sub_application_routes_keep_their_prefix(
     assert span.name == "GET /admin/users/{user_id}"
 
 
+def test_a_sub_application_with_its_own_middleware_gives_one_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    app = web.Application(middlewares=[middleware()])
+    admin = web.Application(middlewares=[middleware()])
+    admin.router.add_get("/users/{user_id}", user)
+    app.add_subapp("/admin", admin)
+    with run_aiohttp(app) as url:
+        assert get(url, "/admin/users/3")[0] == 200
+        (span,) = served(exporter)
+    assert span.name == "GET /admin/users/{user_id}"
+    assert [s.name for s in exporter.get_finished_spans()] == [span.name]
+
+
 def test_w3c_traceparent_when_no_laminar_header(base: str, exporter: InMemorySpanExporter) -> None:
     traceparent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
     assert get(base, "/items/1", headers={"traceparent": traceparent})[0] == 200
@@ -172,6 +209,32 @@ def test_streaming_response_is_inside_the_span(base: str, exporter: InMemorySpan
         assert chunk.parent is not None and chunk.parent.span_id == span.context.span_id
     assert span.end_time is not None
     assert all(chunk.end_time is not None and chunk.end_time <= span.end_time for chunk in chunks)
+
+
+async def test_a_websocket_session_is_one_server_span_around_its_messages(
+    exporter: InMemorySpanExporter,
+) -> None:
+    headers = {HEADER_NAME: CALLER.serialize()}
+    with run_aiohttp(make_app(middleware())) as url:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{url}/ws/lobby", headers=headers) as socket:
+                for word in ("one", "two"):
+                    await socket.send_str(word)
+                    assert await socket.receive_str() == f"echo {word}"
+        (span,) = served(exporter)
+    attributes = dict(span.attributes or {})
+    assert span.name == "GET /ws/{room}" and attributes["http.response.status_code"] == 101
+    assert span.parent is not None and span.parent.span_id == CALLER.span_id
+    assert attributes["lmnr.span.path"] == ("service_a", "GET /ws/{room}")
+    messages = [s for s in exporter.get_finished_spans() if s.name == "message"]
+    assert len(messages) == 2
+    for message in messages:
+        assert message.parent is not None and message.parent.span_id == span.context.span_id
+        assert dict(message.attributes or {})["lmnr.span.path"] == (
+            "service_a",
+            "GET /ws/{room}",
+            "message",
+        )
 
 
 def test_options_excluded_paths_hooks_and_an_unknown_name(
@@ -414,3 +477,40 @@ def test_client_to_server_one_trace(exporter: InMemorySpanExporter) -> None:
     assert client.parent is not None and client.parent.span_id == caller.get_span_context().span_id
     assert server.parent is not None and server.parent.span_id == client.context.span_id
     assert server.context.trace_id == caller.get_span_context().trace_id
+
+
+@pytest.mark.parametrize("contrib", [None, "first", "last"])
+async def test_the_callers_span_is_current_again_after_every_call(
+    exporter: InMemorySpanExporter, contrib: str | None
+) -> None:
+    """The CLIENT span is current only inside the call, whatever its end (a response, a
+    refused connection, a timeout that cancels it in the caller's own task) and whichever
+    trace config, ours or contrib's, comes first."""
+    from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+
+    def contrib_config() -> aiohttp.TraceConfig:
+        config = create_trace_config()
+        config.freeze()
+        return config
+
+    refused_url = closed_port_url()
+    with run_aiohttp(make_app()) as url:
+        configs = [contrib_config()] if contrib == "first" else []
+        async with aiohttp.ClientSession(trace_configs=configs) as session:
+            instrument_aiohttp(session)
+            if contrib == "last":
+                session.trace_configs.append(contrib_config())
+            with TRACER.start_as_current_span("caller") as caller:
+                async with session.get(f"{url}/items/1") as response:
+                    await response.read()
+                assert trace.get_current_span() is caller
+                with pytest.raises(aiohttp.ClientError):
+                    await session.get(refused_url)
+                assert trace.get_current_span() is caller
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await session.get(f"{url}/slow")
+                assert trace.get_current_span() is caller
+    ours = [s for s in client_spans(exporter.get_finished_spans()) if s.name == "GET"]
+    assert ours and all(s.end_time is not None for s in ours)
+    assert len({s.context.span_id for s in ours}) == len(ours)
