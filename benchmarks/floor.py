@@ -180,3 +180,68 @@ def floor_send(
             floor.end(span, token, status)
 
     return traced
+
+
+class FloorDjango:
+    """A Django middleware (first in MIDDLEWARE): the route is Django's resolved pattern."""
+
+    tracer: Tracer
+    remote: LaminarSpanContext
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+        self.parent = remote_parent(self.remote)
+
+    def __call__(self, request: Any) -> Any:
+        span = _server_span(self.tracer, self.remote, self.parent)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            response = self.get_response(request)
+        finally:
+            otel_context.detach(token)
+        route = getattr(request.resolver_match, "route", "")
+        span.set_attributes(_response_attributes(span, self.remote, response.status_code, route))
+        span.end()
+        return response
+
+
+def floor_aiohttp(tracer: Tracer, remote: LaminarSpanContext) -> Any:
+    """An aiohttp middleware: the route is the matched resource's canonical form."""
+    from aiohttp import web
+
+    parent = remote_parent(remote)
+
+    @web.middleware
+    async def middleware(request: Any, handler: Any) -> Any:
+        span = _server_span(tracer, remote, parent)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            response = await handler(request)
+        finally:
+            otel_context.detach(token)
+        route = request.match_info.route.resource.canonical
+        span.set_attributes(_response_attributes(span, remote, response.status, route))
+        span.end()
+        return response
+
+    return middleware
+
+
+def floor_trace_config(floor: FloorOutbound) -> Any:
+    """An aiohttp client `TraceConfig` with the floor's CLIENT span around each request."""
+    import aiohttp
+
+    config = aiohttp.TraceConfig()
+
+    async def start(session: Any, trace_context: Any, params: Any) -> None:
+        url = params.url
+        trace_context.floor = floor.begin(
+            params.method, str(url), url.host, url.port, params.headers
+        )
+
+    async def end(session: Any, trace_context: Any, params: Any) -> None:
+        floor.end(*trace_context.floor, params.response.status)
+
+    config.on_request_start.append(start)
+    config.on_request_end.append(end)
+    return config

@@ -28,9 +28,17 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-GROUPS = ("asgi", "wsgi", "httpx", "requests")
 VARIANTS = ("bare", "laminar", "contrib", "floor")
-TARGETS = {"asgi": 0.5, "wsgi": 0.5, "httpx": 0.7, "requests": 0.7}
+TARGETS = {
+    "asgi": 0.5,
+    "wsgi": 0.5,
+    "httpx": 0.7,
+    "requests": 0.7,
+    "django": 0.5,
+    "aiohttp": 0.5,
+    "aiohttp_client": 0.7,
+}
+GROUPS = tuple(TARGETS)
 # The queue groups (queues.py): no floor; contrib has no Dramatiq instrumentation.
 QUEUE_VARIANTS = {
     "celery_publish": ("bare", "laminar", "contrib"),
@@ -46,8 +54,9 @@ _COLLECTED = re.compile(r"Collected : (\d+)")
 _CHILD = """
 import sys
 sys.path.insert(0, {here!r})
-import queues, run
-builder = getattr(queues, {group!r} + "_runners", None) or getattr(run, {group!r} + "_runners")
+import frameworks, queues, run
+name = {group!r} + "_runners"
+builder = next(getattr(m, name) for m in (run, frameworks, queues) if hasattr(m, name))
 runner = builder()[{variant!r}]
 runner({warm_up})
 if {calls}:
@@ -91,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("Instructions per call, overhead over bare, thousands (valgrind callgrind)")
     print(
-        f"{'':10} {'bare':>8} {'laminar':>8} {'contrib':>8} {'floor':>8} "
+        f"{'':14} {'bare':>8} {'laminar':>8} {'contrib':>8} {'floor':>8} "
         f"{'ratio':>6} {'target':>6}  result  {'floor ratio':>11}"
     )
     results: dict[str, dict[str, float | bool]] = {}
@@ -111,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pass": passed,
         }
         print(
-            f"{group:10} {bare / 1e3:8.0f} {ours / 1e3:8.0f} {contrib / 1e3:8.0f} "
+            f"{group:14} {bare / 1e3:8.0f} {ours / 1e3:8.0f} {contrib / 1e3:8.0f} "
             f"{floor / 1e3:8.0f} {ratio:6.2f} {TARGETS[group]:6.2f}  "
             f"{'pass' if passed else 'FAIL':6}  {floor_ratio:11.2f}"
         )

@@ -1,7 +1,7 @@
 """Benchmarks of laminar-middleware against the OpenTelemetry contrib instrumentations.
 
 One command: `make bench` (or `python benchmarks/run.py [--quick] [--out PATH]`). Everything
-runs in this process, with no network:
+runs in this process, with no network (the aiohttp client alone goes over 127.0.0.1):
 
 - ASGI: a minimal Starlette app called through a raw ASGI loop: bare, with
   `LaminarASGIMiddleware`, with contrib's `OpenTelemetryMiddleware`.
@@ -10,6 +10,8 @@ runs in this process, with no network:
 - httpx (a client on `httpx.MockTransport`) and requests (a session whose adapter returns a
   canned response): bare, with `instrument_httpx` / `instrument_requests`, with the contrib
   instrumentors. The calls are made inside a span, as in a request handler.
+- Django, aiohttp server and aiohttp client (`frameworks.py`): the same comparison against
+  contrib's Django, aiohttp-server and aiohttp-client instrumentations.
 - Codec: `LaminarSpanContext.parse` against `json.loads`, `serialize` against `json.dumps`,
   on a typical 300-byte header and on a 4 KiB one.
 - Queues (`queues.py`): publishing and consuming one Celery and one Dramatiq message on
@@ -248,6 +250,51 @@ def asgi_runners() -> dict[str, Runner]:
 
 # -- WSGI: Flask -----------------------------------------------------------------------------
 
+WSGI_ENVIRON: dict[str, Any] = {
+    "REQUEST_METHOD": "GET",
+    "SCRIPT_NAME": "",
+    "PATH_INFO": "/items/42",
+    "QUERY_STRING": "q=1",
+    "SERVER_NAME": "service-b.internal",
+    "SERVER_PORT": "8000",
+    "SERVER_PROTOCOL": "HTTP/1.1",
+    "REMOTE_ADDR": "10.0.0.1",
+    "REMOTE_PORT": "51234",
+    "HTTP_HOST": "service-b.internal:8000",
+    "HTTP_USER_AGENT": "bench/1.0",
+    "HTTP_ACCEPT": "*/*",
+    "HTTP_TRACEPARENT": TRACEPARENT,
+    "HTTP_X_LAMINAR_SPAN_CONTEXT": LAMINAR_HEADER,
+    "wsgi.version": (1, 0),
+    "wsgi.url_scheme": "http",
+    "wsgi.input": io.BytesIO(b""),
+    "wsgi.errors": sys.stderr,
+    "wsgi.multithread": False,
+    "wsgi.multiprocess": False,
+    "wsgi.run_once": False,
+}
+
+
+def _start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[..., Any]:
+    return lambda data: None
+
+
+def wsgi_runner(app: Any) -> Runner:
+    """`n` requests as a WSGI server makes them: a fresh environ, the body consumed, closed."""
+
+    def run(n: int) -> int:
+        started = time.perf_counter_ns()
+        for _ in range(n):
+            body = app(dict(WSGI_ENVIRON), _start_response)
+            for _chunk in body:
+                pass
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        return time.perf_counter_ns() - started
+
+    return run
+
 
 def wsgi_runners() -> dict[str, Runner]:
     from flask import Flask
@@ -272,52 +319,11 @@ def wsgi_runners() -> dict[str, Runner]:
     floor = make_app()
     floor.wsgi_app = floor_wsgi(floor.wsgi_app, provider().get_tracer("floor"), REMOTE)  # type: ignore[method-assign]
 
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": "GET",
-        "SCRIPT_NAME": "",
-        "PATH_INFO": "/items/42",
-        "QUERY_STRING": "q=1",
-        "SERVER_NAME": "service-b.internal",
-        "SERVER_PORT": "8000",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": "10.0.0.1",
-        "REMOTE_PORT": "51234",
-        "HTTP_HOST": "service-b.internal:8000",
-        "HTTP_USER_AGENT": "bench/1.0",
-        "HTTP_ACCEPT": "*/*",
-        "HTTP_TRACEPARENT": TRACEPARENT,
-        "HTTP_X_LAMINAR_SPAN_CONTEXT": LAMINAR_HEADER,
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(b""),
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-    }
-
-    def start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[..., Any]:
-        return lambda data: None
-
-    def runner(app: Any) -> Runner:
-        def run(n: int) -> int:
-            started = time.perf_counter_ns()
-            for _ in range(n):
-                body = app(dict(environ), start_response)  # a fresh environ, as a server makes
-                for _chunk in body:
-                    pass
-                close = getattr(body, "close", None)
-                if close is not None:
-                    close()
-            return time.perf_counter_ns() - started
-
-        return run
-
     return {
-        "bare": runner(bare),
-        "laminar": runner(ours),
-        "contrib": runner(contrib),
-        "floor": runner(floor),
+        "bare": wsgi_runner(bare),
+        "laminar": wsgi_runner(ours),
+        "contrib": wsgi_runner(contrib),
+        "floor": wsgi_runner(floor),
     }
 
 
@@ -525,7 +531,7 @@ def memory_results(groups: dict[str, dict[str, Runner]], settings: Settings) -> 
     """
     results: dict[str, Any] = {}
     for group, runners in groups.items():
-        requests = settings.memory_requests if group in ("asgi", "wsgi") else settings.memory_calls
+        requests = settings.memory_requests if group in SERVERS else settings.memory_calls
         warm_up = min(1000, requests // 5)
         run = runners["laminar"]
         tracemalloc.start()
@@ -565,8 +571,13 @@ def versions() -> dict[str, str]:
         "opentelemetry-instrumentation-httpx",
         "opentelemetry-instrumentation-requests",
         "opentelemetry-instrumentation-celery",
+        "opentelemetry-instrumentation-django",
+        "opentelemetry-instrumentation-aiohttp-server",
+        "opentelemetry-instrumentation-aiohttp-client",
         "starlette",
         "flask",
+        "django",
+        "aiohttp",
         "httpx",
         "requests",
         "celery",
@@ -583,15 +594,15 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         "",
         "Per-request overhead (variant - bare), median over rounds, microseconds",
-        f"{'':10} {'bare':>9} {'laminar':>9} {'contrib':>9} {'ratio':>7} {'(q1-q3)':>11} "
+        f"{'':14} {'bare':>9} {'laminar':>9} {'contrib':>9} {'ratio':>7} {'(q1-q3)':>11} "
         f"{'target':>7}  result  {'floor':>7} {'floor ratio':>11}",
     ]
-    for group in ("asgi", "wsgi", "httpx", "requests"):
+    for group in TARGETS:
         r = results[group]
         v = r["variants"]
         q1, q3 = r["ratio_per_round_q1_q3"]
         lines.append(
-            f"{group:10} {v['bare']['median_us']:9.1f} {v['laminar']['overhead_us']:9.1f} "
+            f"{group:14} {v['bare']['median_us']:9.1f} {v['laminar']['overhead_us']:9.1f} "
             f"{v['contrib']['overhead_us']:9.1f} {r['ratio']:7.2f} {f'{q1:.2f}-{q3:.2f}':>11} "
             f"{r['target']:7.2f}  {'pass' if r['pass'] else 'FAIL'}    "
             f"{v['floor']['overhead_us']:7.1f} {r['floor_ratio']:11.2f}"
@@ -612,12 +623,12 @@ def table(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Memory: growth of traced memory (tracemalloc), this package's variants",
-        f"{'':10} {'requests':>9} {'KiB':>9} {'B/request':>10} {'limit':>7}  result",
+        f"{'':14} {'requests':>9} {'KiB':>9} {'B/request':>10} {'limit':>7}  result",
     ]
-    for group in ("asgi", "wsgi", "httpx", "requests"):
+    for group in TARGETS:
         r = memory[group]
         lines.append(
-            f"{group:10} {r['requests']:9d} {r['growth_kib']:+9.1f} "
+            f"{group:14} {r['requests']:9d} {r['growth_kib']:+9.1f} "
             f"{r['bytes_per_request']:+10.3f} {r['limit_bytes_per_request']:7.1f}  "
             f"{'pass' if r['pass'] else 'FAIL'}"
         )
@@ -625,15 +636,39 @@ def table(results: dict[str, Any]) -> str:
 
 
 def failed_targets(results: dict[str, Any]) -> list[str]:
-    failed = [g for g in ("asgi", "wsgi", "httpx", "requests") if not results[g]["pass"]]
+    failed = [g for g in TARGETS if not results[g]["pass"]]
     failed += [g for g, r in results["queues"].items() if r["passed"] is False]
     failed += [f"codec {name}" for name, r in results["codec"].items() if not r["pass"]]
-    failed += [
-        f"memory {g}"
-        for g in ("asgi", "wsgi", "httpx", "requests")
-        if not results["memory"][g]["pass"]
-    ]
+    failed += [f"memory {g}" for g in TARGETS if not results["memory"][g]["pass"]]
     return failed
+
+
+# The HTTP groups and their targets (ours / contrib's overhead).
+TARGETS = {
+    "asgi": 0.5,
+    "wsgi": 0.5,
+    "httpx": 0.7,
+    "requests": 0.7,
+    "django": 0.5,
+    "aiohttp": 0.5,
+    "aiohttp_client": 0.7,
+}
+# Groups whose runner serves a request in-process: the memory check gives them more requests.
+SERVERS = ("asgi", "wsgi", "django", "aiohttp")
+
+
+def http_groups() -> dict[str, dict[str, Runner]]:
+    from frameworks import aiohttp_client_runners, aiohttp_runners, django_runners
+
+    return {
+        "asgi": asgi_runners(),
+        "wsgi": wsgi_runners(),
+        "httpx": httpx_runners(),
+        "requests": requests_runners(),
+        "django": django_runners(),
+        "aiohttp": aiohttp_runners(),
+        "aiohttp_client": aiohttp_client_runners(),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -660,13 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     print(f"laminar-middleware benchmarks ({'quick' if args.quick else 'full'} run)", flush=True)
-    targets = {"asgi": 0.5, "wsgi": 0.5, "httpx": 0.7, "requests": 0.7}
-    groups = {
-        "asgi": asgi_runners(),
-        "wsgi": wsgi_runners(),
-        "httpx": httpx_runners(),
-        "requests": requests_runners(),
-    }
+    groups = http_groups()
     results: dict[str, Any] = {
         "meta": {
             "mode": "quick" if args.quick else "full",
@@ -678,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print("Per-request time, interleaved rounds:", flush=True)
     for group, runners in groups.items():
-        results[group] = compare(group, runners, settings, targets[group])
+        results[group] = compare(group, runners, settings, TARGETS[group])
     from queues import QUEUE_GROUPS, compare_queue, queue_table
 
     print(f"Per-message time, interleaved rounds: ({time.perf_counter() - started:.0f} s so far)")
@@ -704,4 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # queues.py and frameworks.py import this script as `run`: let them find this module
+    # rather than a second copy (whose --shared-provider would be unset).
+    sys.modules["run"] = sys.modules[__name__]
     sys.exit(main())

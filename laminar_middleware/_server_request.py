@@ -116,6 +116,12 @@ class ServerRequest:
         """The route template once known."""
         return None
 
+    @property
+    def wants_response_headers(self) -> bool:
+        """True while a response hook is still to be called: the adapters whose frameworks
+        keep headers in their own shape copy them only then."""
+        return self._response_hook is not None
+
     def laminar_paths(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The span's Laminar path and ids path now: the caller's plus its own."""
         return (

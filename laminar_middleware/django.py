@@ -164,7 +164,11 @@ def _respond(server_request: ServerRequest, response: Any) -> None:
     or when the response is dropped unclosed: Werkzeug's server skips `close()` when the
     client hangs up first."""
     with _RESPONDING:
-        headers = [(str(k), str(v)) for k, v in response.items()]
+        headers = (
+            [(str(k), str(v)) for k, v in response.items()]
+            if server_request.wants_response_headers
+            else None
+        )
         server_request.response_started(int(response.status_code), headers)
         if (
             getattr(response, "streaming", False)

@@ -5,6 +5,7 @@ Timings are not assertions here (they depend on the machine); `make bench` repor
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ("asgi", "wsgi", "httpx", "requests")
+GROUPS = ("asgi", "wsgi", "httpx", "requests", "django", "aiohttp", "aiohttp_client")
 
 
 @pytest.mark.timeout(240)
@@ -76,11 +77,14 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
             assert section["ratio"] is None and section["passed"] is None
 
 
-def benchmark_modules(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, InMemorySpanExporter]:
-    """benchmarks/run.py and queues.py, imported as the scripts import each other, with
-    every variant's spans going to one in-memory exporter."""
+def benchmark_modules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Any, Any, Any, InMemorySpanExporter]:
+    """benchmarks/run.py, queues.py and frameworks.py, imported as the scripts import each
+    other, with every variant's spans going to one in-memory exporter."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
+        import frameworks
         import queues
         import run
     finally:
@@ -89,29 +93,60 @@ def benchmark_modules(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, InMemo
     shared = TracerProvider()
     shared.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(run, "_SHARED_PROVIDER", shared)
-    return run, queues, exporter
+    return run, queues, frameworks, exporter
+
+
+# Run in a fresh interpreter, as the benchmarks run: Django's settings are configured once per
+# process (the benchmark's project would be every later Django test's), and the aiohttp
+# groups make event loops of their own.
+_RECORD = """
+import json, sys
+sys.path.insert(0, {benchmarks!r})
+import frameworks, run
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+run._SHARED_PROVIDER = TracerProvider()
+run._SHARED_PROVIDER.add_span_processor(SimpleSpanProcessor(exporter))
+name = {group!r} + "_runners"
+runners = (getattr(run, name, None) or getattr(frameworks, name))()
+recorded = {{}}
+for variant, runner in runners.items():
+    exporter.clear()
+    runner(3)
+    recorded[variant] = [
+        dict(name=s.name, kind=s.kind.name, scope=s.instrumentation_scope.name,
+             trace_id=s.context.trace_id, attributes=sorted(s.attributes or {{}}))
+        for s in exporter.get_finished_spans()
+    ]
+print(json.dumps(recorded))
+"""
+
+
+@functools.cache
+def recorded(group: str) -> dict[str, list[dict[str, Any]]]:
+    """Per variant of an HTTP group, the spans 3 requests (or calls) recorded."""
+    code = _RECORD.format(benchmarks=str(ROOT / "benchmarks"), group=group)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, list[dict[str, Any]]] = json.loads(done.stdout.splitlines()[-1])
+    return result
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_the_floor_records_the_same_span_as_ours(
-    group: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_floor_records_the_same_span_as_ours(group: str) -> None:
     """The floor is only a fair bound if it records what we record: same name, kind and
     attribute keys (values differ only in ids)."""
-    run, _, exporter = benchmark_modules(monkeypatch)
-    runners = getattr(run, f"{group}_runners")()
-    recorded = {}
-    for variant, scope in (("laminar", "laminar_middleware"), ("floor", "floor")):
-        exporter.clear()
-        runners[variant](1)
-        (span,) = [
-            s for s in exporter.get_finished_spans() if s.instrumentation_scope.name == scope
-        ]
-        recorded[variant] = span
-    ours, floor = recorded["laminar"], recorded["floor"]
-    assert floor.name == ours.name and floor.kind == ours.kind
-    assert set(floor.attributes or {}) == set(ours.attributes or {})
-    assert "lmnr.span.ids_path" in (floor.attributes or {})
+    spans = recorded(group)
+    ours = [s for s in spans["laminar"] if s["scope"] == "laminar_middleware"]
+    floor = [s for s in spans["floor"] if s["scope"] == "floor"]
+    assert len(ours) == len(floor) == 3
+    assert {(s["name"], s["kind"]) for s in floor} == {(s["name"], s["kind"]) for s in ours}
+    assert floor[0]["attributes"] == ours[0]["attributes"]
+    assert "lmnr.span.ids_path" in floor[0]["attributes"]
 
 
 @pytest.mark.parametrize(
@@ -128,7 +163,7 @@ def test_the_queue_benchmarks_measure_real_spans(
 ) -> None:
     """Each instrumented variant records one span of the kind it claims per message, in
     the caller's trace, and the bare one records none: the numbers measure the work."""
-    run, queues, exporter = benchmark_modules(monkeypatch)
+    run, queues, _, exporter = benchmark_modules(monkeypatch)
     runners = getattr(queues, f"{group}_runners")()
     for variant, runner in runners.items():
         exporter.clear()
@@ -142,3 +177,27 @@ def test_the_queue_benchmarks_measure_real_spans(
             assert span.context is not None and span.context.trace_id == run.TRACE_ID, variant
         if variant == "laminar":
             assert all("lmnr.span.path" in (s.attributes or {}) for s in spans)
+
+
+@pytest.mark.parametrize(
+    ("group", "kind"),
+    [("django", "SERVER"), ("aiohttp", "SERVER"), ("aiohttp_client", "CLIENT")],
+)
+def test_the_framework_benchmarks_measure_real_spans(group: str, kind: str) -> None:
+    """Each instrumented variant records one span of its kind per request, in the caller's
+    trace and named by the route on the server side; the bare one records none."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for variant, spans in recorded(group).items():
+        of_kind = [s for s in spans if s["kind"] == kind]
+        if variant == "bare":
+            assert of_kind == [], variant
+            continue
+        assert len(of_kind) == 3, variant
+        for span in of_kind:
+            assert span["trace_id"] == run.TRACE_ID, variant
+            if kind == "SERVER":
+                assert span["name"].startswith("GET ") and "item" in span["name"], variant
