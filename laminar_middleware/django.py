@@ -230,7 +230,8 @@ async def _async_parts(
 
 
 class _EndWithResponse:
-    """Ends the span when called by the response's `close()`, or when collected with it."""
+    """Ends the span when called by the response's `close()`, or when collected with it:
+    with no cycle through the response, the moment the server lets go of it."""
 
     __slots__ = ("_request",)
 
@@ -243,6 +244,20 @@ class _EndWithResponse:
     def __del__(self) -> None:
         if not self._request.ended:
             _end(self._request)
+
+    def __reduce__(self) -> tuple[type[_Inert], tuple[()]]:
+        # Django's cache middleware pickles the response: a cached copy has no span to end.
+        return _Inert, ()
+
+
+class _Inert:
+    """What a pickled response's copy of `_EndWithResponse` becomes: a closer that does
+    nothing."""
+
+    __slots__ = ()
+
+    def __call__(self) -> None:
+        pass
 
 
 def _finish(server_request: ServerRequest, exc: BaseException) -> None:

@@ -267,7 +267,9 @@ class _ResponseIterable:
 
     def __del__(self) -> None:
         # Werkzeug's server skips close() when the client hangs up first: end with the
-        # response rather than never.
+        # response rather than never. Nothing here makes a cycle, so that is the moment the
+        # server lets go of it, in the server's thread; a cycle of the app's own would defer
+        # it to a collection, as contrib's generator-based end is deferred.
         if not self._request.ended:
             _end(self._request)
 

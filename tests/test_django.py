@@ -6,6 +6,7 @@ instrumentation, one SERVER span; bad settings never stop a request."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -103,6 +104,51 @@ def test_the_span_ends_when_the_server_drops_the_response_unclosed(
     assert span.name == f"GET {ROUTE}"
     assert span.attributes is not None
     assert span.attributes["http.response.status_code"] == 200
+
+
+@pytest.mark.parametrize("path", ["/api/items/4", "/api/stream"])
+def test_a_response_dropped_unclosed_ends_its_span_without_the_collector(
+    exporter: InMemorySpanExporter, path: str
+) -> None:
+    """No reference cycle through the response: the span ends the moment the server lets
+    go of it, not at some later collection (and not inside one)."""
+    from werkzeug.test import EnvironBuilder
+
+    app = wsgi_app([OURS])
+    environ = EnvironBuilder(path=path).get_environ()
+    gc.disable()
+    try:
+        body = app(environ, lambda status, headers, exc_info=None: None)
+        b"".join(body)
+        assert ours(exporter) == []
+        del body
+        ended = ours(exporter)
+    finally:
+        gc.enable()
+    assert len(ended) == 1
+
+
+def test_a_cache_middleware_outside_ours_stores_and_serves_the_response(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """Django's cache middleware comes first in MIDDLEWARE, outside ours, and pickles the
+    response: what we hook on it must pickle, and a cached copy must carry no span."""
+    cached = [
+        "django.middleware.cache.UpdateCacheMiddleware",
+        OURS,
+        "django.middleware.cache.FetchFromCacheMiddleware",
+    ]
+    caches = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    with override_settings(MIDDLEWARE=cached, CACHES=caches):
+        from django.core.cache import cache
+
+        cache.clear()
+        first, second = (Client().get("/api/items/6") for _ in range(2))
+        assert first.status_code == second.status_code == 200
+        assert first.json() == second.json() == {"item": 6}
+        cache.clear()
+    # The second came from the cache: no URL resolved, no view ran, so no route in the name.
+    assert [span.name for span in ours(exporter)] == [f"GET {ROUTE}", "GET"]
 
 
 def test_under_uvicorn_with_an_async_view(exporter: InMemorySpanExporter) -> None:
