@@ -27,17 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from run import TARGETS
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("bare", "laminar", "contrib", "floor")
-TARGETS = {
-    "asgi": 0.5,
-    "wsgi": 0.5,
-    "httpx": 0.7,
-    "requests": 0.7,
-    "django": 0.5,
-    "aiohttp": 0.5,
-    "aiohttp_client": 0.7,
-}
 GROUPS = tuple(TARGETS)
 # The queue groups (queues.py): no floor; contrib has no Dramatiq instrumentation.
 QUEUE_VARIANTS = {

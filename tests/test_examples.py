@@ -7,6 +7,7 @@ run as subprocesses against a small recording HTTP server.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -186,35 +187,45 @@ def console_spans(text: str) -> list[dict[str, Any]]:
     return spans
 
 
+@contextlib.contextmanager
+def serving(name: str, out: IO[str], **env: str) -> Iterator[str]:
+    """An example that serves on $PORT, run in its own process with its output in `out`,
+    once its /health answers; stopped after."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    service = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / name)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env, "PORT": str(port), "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or service.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        service.terminate()
+        service.wait(10)
+
+
 def test_django_service_continues_the_caller_and_calls_on(
     exporter: InMemorySpanExporter, tmp_path: Path
 ) -> None:
     # As a reader runs it: its own process, its own settings, Django's development server.
     service_a = load("fastapi_service.py")
     caller = LaminarSpanContext(0xABC, 0xDEF)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     output = tmp_path / "stdout.txt"
     with run_uvicorn(service_a.app) as url_a, output.open("w") as out:
-        env = {**os.environ, "PORT": str(port), "SERVICE_A_URL": url_a, "PYTHONUNBUFFERED": "1"}
-        service = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / "django_service.py")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    assert httpx.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline or service.poll() is not None:
-                        raise
-                    time.sleep(0.1)
+        with serving("django_service.py", out, SERVICE_A_URL=url_a) as url:
             headers = {HEADER_NAME: caller.serialize()}
             response = httpx.get(f"{url}/work", headers=headers, timeout=10)
             assert response.json() == {"done": True, "service_a": {"hello": "world"}}
@@ -226,9 +237,6 @@ def test_django_service_continues_the_caller_and_calls_on(
             deadline = time.monotonic() + 10
             while '"GET work"' not in output.read_text() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        finally:
-            service.terminate()
-            service.wait(10)
     spans = console_spans(output.read_text())
     servers = [s for s in spans if s["kind"] == "SpanKind.SERVER"]
     assert [s["name"] for s in servers] == ["GET work"]  # /health is excluded

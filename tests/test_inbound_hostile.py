@@ -8,6 +8,7 @@ the middleware (aiohttp is neither ASGI nor WSGI, and its own parser refuses som
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -369,8 +370,10 @@ def raw_get(url: str, headers: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, by
     request = b"GET /items/7 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
     received = b""
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
-        try:
+        # Refused while still sending: its answer may have arrived all the same.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(request + lines + b"\r\n")
+        try:
             while chunk := sock.recv(65536):
                 received += chunk
         except ConnectionResetError:  # refused mid-request: what arrived before the reset

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTSIDE = re.compile(r"\.\./shared|SPEC[ §]|§ ?[0-9]|\b[Ii]ssues? [0-9]+\b")
+OUTSIDE = re.compile(r"\.\./shared|S[P]EC[ §]|§ ?[0-9]|\b[Ii]ssues? [0-9]+\b")
 
 
 def tracked_text_files() -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
 import random
 import re
@@ -407,6 +408,27 @@ def test_the_test_server_stops_only_after_the_last_span_has_ended(
         assert response.text == "ok"
         assert ours(list(exporter.get_finished_spans())) == []  # the body is still closing
     assert len(ours(list(exporter.get_finished_spans()))) == 1
+
+
+def test_a_response_dropped_unclosed_ends_its_span_without_the_collector(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """No reference cycle through our response wrapper: the span ends the moment the server
+    lets go of it, not at some later collection (and not inside one)."""
+    from werkzeug.test import EnvironBuilder
+
+    app = LaminarWSGIMiddleware(build_flask().wsgi_app)
+    environ = EnvironBuilder(path="/items/9").get_environ()
+    gc.disable()
+    try:
+        body = app(environ, lambda status, headers, exc_info=None: None)
+        b"".join(body)
+        assert ours(list(exporter.get_finished_spans())) == []
+        del body
+        ended = ours(list(exporter.get_finished_spans()))
+    finally:
+        gc.enable()
+    assert len(ended) == 1
 
 
 def test_the_span_ends_when_the_server_drops_the_response_unclosed(

@@ -170,18 +170,40 @@ def run_aiohttp(app: Any, backlog: int = 128) -> Iterator[str]:
         sock.close()
 
 
+class _Watched:
+    """An app's response passed through, telling whether the server closed it and when the
+    server let it go."""
+
+    def __init__(self, inner: Any, closed: threading.Event, released: threading.Event) -> None:
+        self.inner, self.closed, self.released = inner, closed, released
+
+    def __iter__(self) -> Any:
+        return iter(self.inner)
+
+    def close(self) -> None:
+        self.closed.set()
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+    def __del__(self) -> None:
+        self.released.set()
+
+
 def hang_up_while_werkzeug_drains(app: Any, path: str) -> bytes:
     """One GET served by Werkzeug's server, from a client that reads the whole response and
     then resets the connection while the server drains the socket: Werkzeug's drain raises
-    and the response's `close()` is never called. Returns the response as received."""
+    and the response's `close()` is never called (checked: the test would prove nothing
+    otherwise). Returns the response as received, once the server has let it go."""
     from werkzeug.serving import make_server
 
     started, go = threading.Event(), threading.Event()
+    closed, released = threading.Event(), threading.Event()
 
     def gated(environ: Any, start_response: Any) -> Any:
         started.set()
         go.wait(5)
-        return app(environ, start_response)
+        return _Watched(app(environ, start_response), closed, released)
 
     server = make_server("127.0.0.1", 0, gated, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -197,6 +219,10 @@ def hang_up_while_werkzeug_drains(app: Any, path: str) -> bytes:
             go.set()
             received = _read_response(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if not released.wait(5):
+            raise RuntimeError("the server kept the response")
+        if closed.is_set():
+            raise AssertionError("the server closed the response: not the path under test")
         return received
     finally:
         go.set()
