@@ -279,67 +279,88 @@ async def test_concurrent_sync_endpoints_in_the_thread_pool(
 # -- WSGI: Werkzeug's threaded server -------------------------------------------------------
 
 
+def ctx_view(
+    in_view: threading.Barrier, in_body: threading.Barrier
+) -> tuple[Iterator[bytes], dict[str, str]]:
+    """What the `/ctx` view does in either framework: the context it saw before and after
+    the gate, and a body that echoes it before and after the second gate."""
+    before = here()
+    in_view.wait()  # every request is inside a view now
+    after = here("view")
+
+    def body() -> Iterator[bytes]:
+        yield (serialize_span_context() or "").encode() + b"\n"
+        in_body.wait()  # every response is being streamed now
+        yield here("body").encode()
+
+    headers = {"x-echo": serialize_span_context() or "", "x-before": before, "x-after": after}
+    return body(), headers
+
+
 def flask_app(in_view: threading.Barrier, in_body: threading.Barrier) -> Flask:
     app = Flask(__name__)
 
     @app.get("/ctx")
     def ctx() -> Response:
-        before = here()
-        in_view.wait()  # every request is inside a view now
-        after = here("view")
-
-        def body() -> Iterator[bytes]:
-            yield (serialize_span_context() or "").encode() + b"\n"
-            in_body.wait()  # every response is being streamed now
-            yield here("body").encode()
-
-        return Response(
-            body(),
-            headers={
-                "x-echo": serialize_span_context() or "",
-                "x-before": before,
-                "x-after": after,
-            },
-        )
+        body, headers = ctx_view(in_view, in_body)
+        return Response(body, headers=headers)
 
     return app
 
 
-@pytest.mark.timeout(120)
-def test_100_concurrent_threaded_wsgi_requests_each_see_their_own_context(
+def check_threaded_ctx(
+    app: Any,
+    remotes: list[LaminarSpanContext],
+    gates: tuple[threading.Barrier, threading.Barrier],
+    name: str,
     exporter: InMemorySpanExporter,
 ) -> None:
-    remotes = callers(WSGI_REQUESTS, seed=100)
-    in_view = threading.Barrier(WSGI_REQUESTS, timeout=GATE_TIMEOUT)
-    in_body = threading.Barrier(WSGI_REQUESTS, timeout=GATE_TIMEOUT)
-    app = flask_app(in_view, in_body)
-    app.wsgi_app = LaminarWSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    """All requests at once through Werkzeug's threaded server to an app whose `/ctx` view
+    and body wait at the gates: each saw only its own caller, in the view and in the body."""
 
     def call(index: int) -> requests.Response:
         return requests.get(
             f"{url}/ctx", headers={HEADER_NAME: remotes[index].serialize()}, timeout=60
         )
 
-    with run_wsgi(app) as url, ThreadPoolExecutor(WSGI_REQUESTS) as pool:
-        responses = list(pool.map(call, range(WSGI_REQUESTS)))
-    # Both barriers let everyone through: all 100 were in views, then in bodies, at once.
-    assert not in_view.broken and not in_body.broken
+    with run_wsgi(app) as url, ThreadPoolExecutor(len(remotes)) as pool:
+        responses = list(pool.map(call, range(len(remotes))))
+    # Both barriers let everyone through: all were in views, then in bodies, at once.
+    assert not any(gate.broken for gate in gates)
 
     echoed = []
     for remote, response in zip(remotes, responses, strict=True):
         assert response.status_code == 200
-        seen = check_echo(response.headers["x-echo"], remote, "GET /ctx")
+        seen = check_echo(response.headers["x-echo"], remote, name)
         own = f"{remote.trace_id:032x}-{seen.span_id:016x}"
         assert response.headers["x-before"] == response.headers["x-after"] == own
         first, second = response.content.split(b"\n")
-        assert check_echo(first.decode(), remote, "GET /ctx") == seen
+        assert check_echo(first.decode(), remote, name) == seen
         assert second.decode() == own
         echoed.append(seen)
 
-    spans = wait_for_spans(exporter, lambda s: len(ours(s)) >= WSGI_REQUESTS, 20.0)
+    spans = wait_for_spans(exporter, lambda s: len(ours(s)) >= len(remotes), 20.0)
     servers = check_server_spans(spans, remotes, echoed)
     check_children(spans, servers, "view")
     check_children(spans, servers, "body")
+
+
+def gates() -> tuple[threading.Barrier, threading.Barrier]:
+    """In the view, then in the body: every request waits there until all are."""
+    return (
+        threading.Barrier(WSGI_REQUESTS, timeout=GATE_TIMEOUT),
+        threading.Barrier(WSGI_REQUESTS, timeout=GATE_TIMEOUT),
+    )
+
+
+@pytest.mark.timeout(120)
+def test_100_concurrent_threaded_wsgi_requests_each_see_their_own_context(
+    exporter: InMemorySpanExporter,
+) -> None:
+    in_view, in_body = both = gates()
+    app = flask_app(in_view, in_body)
+    app.wsgi_app = LaminarWSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    check_threaded_ctx(app, callers(WSGI_REQUESTS, seed=100), both, "GET /ctx", exporter)
 
 
 # -- Django under Werkzeug's threaded server ------------------------------------------------
@@ -349,23 +370,8 @@ def django_ctx(in_view: threading.Barrier, in_body: threading.Barrier) -> Any:
     from django.http import HttpRequest, StreamingHttpResponse
 
     def ctx(request: HttpRequest) -> StreamingHttpResponse:
-        before = here()
-        in_view.wait()  # every request is inside a view now
-        after = here("view")
-
-        def body() -> Iterator[bytes]:
-            yield (serialize_span_context() or "").encode() + b"\n"
-            in_body.wait()  # every response is being streamed now
-            yield here("body").encode()
-
-        return StreamingHttpResponse(
-            body(),
-            headers={
-                "x-echo": serialize_span_context() or "",
-                "x-before": before,
-                "x-after": after,
-            },
-        )
+        body, headers = ctx_view(in_view, in_body)
+        return StreamingHttpResponse(body, headers=headers)
 
     return ctx
 
@@ -376,36 +382,10 @@ def test_100_concurrent_django_requests_each_see_their_own_context(
 ) -> None:
     from support import django_project
 
-    remotes = callers(WSGI_REQUESTS, seed=101)
-    in_view = threading.Barrier(WSGI_REQUESTS, timeout=GATE_TIMEOUT)
-    in_body = threading.Barrier(WSGI_REQUESTS, timeout=GATE_TIMEOUT)
+    in_view, in_body = both = gates()
     monkeypatch.setattr(django_project, "ctx_view", django_ctx(in_view, in_body))
-
-    def call(index: int) -> requests.Response:
-        return requests.get(
-            f"{url}/ctx", headers={HEADER_NAME: remotes[index].serialize()}, timeout=60
-        )
-
     app = django_project.wsgi_app([django_project.OURS])
-    with run_wsgi(app) as url, ThreadPoolExecutor(WSGI_REQUESTS) as pool:
-        responses = list(pool.map(call, range(WSGI_REQUESTS)))
-    assert not in_view.broken and not in_body.broken
-
-    echoed = []
-    for remote, response in zip(remotes, responses, strict=True):
-        assert response.status_code == 200
-        seen = check_echo(response.headers["x-echo"], remote, "GET ctx")
-        own = f"{remote.trace_id:032x}-{seen.span_id:016x}"
-        assert response.headers["x-before"] == response.headers["x-after"] == own
-        first, second = response.content.split(b"\n")
-        assert check_echo(first.decode(), remote, "GET ctx") == seen
-        assert second.decode() == own
-        echoed.append(seen)
-
-    spans = wait_for_spans(exporter, lambda s: len(ours(s)) >= WSGI_REQUESTS, 20.0)
-    servers = check_server_spans(spans, remotes, echoed)
-    check_children(spans, servers, "view")
-    check_children(spans, servers, "body")
+    check_threaded_ctx(app, callers(WSGI_REQUESTS, seed=101), both, "GET ctx", exporter)
 
 
 # -- aiohttp under its own runner -----------------------------------------------------------
