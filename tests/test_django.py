@@ -71,6 +71,20 @@ def test_a_streaming_response_ends_the_span_after_the_last_chunk(
     assert span.name == "GET api/stream"
 
 
+def test_a_stream_closed_early_is_closed_inside_the_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """The server closes a streaming response before its end (the client went away): the
+    view's generator runs its `finally` with the server span current, as it ran its body."""
+    django_project.produced.clear()
+    response = Client().get("/api/stream")
+    next(iter(response.streaming_content))  # type: ignore[attr-defined]
+    response.close()
+    assert django_project.produced == ["chunk 0", "done under GET api/stream"]
+    (span,) = ours(exporter)
+    assert span.name == "GET api/stream"
+
+
 def test_a_views_exception_is_recorded_and_djangos_500_is_sent(
     exporter: InMemorySpanExporter,
 ) -> None:

@@ -40,10 +40,16 @@ async def async_item(request: HttpRequest, item_id: int) -> JsonResponse:
 
 
 def stream(request: HttpRequest) -> StreamingHttpResponse:
+    from opentelemetry import trace
+
     def chunks() -> Iterator[bytes]:
-        for n in range(3):
-            produced.append(f"chunk {n}")
-            yield b"chunk %d\n" % n
+        try:
+            for n in range(3):
+                produced.append(f"chunk {n}")
+                yield b"chunk %d\n" % n
+        finally:  # also when the server closes the response early
+            current = trace.get_current_span()
+            produced.append(f"done under {getattr(current, 'name', None)}")
 
     return StreamingHttpResponse(chunks())
 
