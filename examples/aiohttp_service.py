@@ -1,5 +1,6 @@
 # Run: python examples/aiohttp_service.py   (then: curl localhost:8080/work, or start
 # examples/fastapi_service.py too, so the call to service A answers)
+# Needs: pip install 'laminar-middleware[aiohttp]'
 """Service C: aiohttp with the Laminar middleware, calling service A with an aiohttp client.
 
 `web.Application(middlewares=[middleware()])` is the server's whole set-up: each request gets

@@ -1,4 +1,5 @@
 # Run: python examples/database_storage.py   (self-contained: SQLite in a temporary file)
+# Needs: pip install laminar-middleware
 """The database-storage pattern: a long-running workflow keeps its span context in a row.
 
 A request starts a workflow and stores `serialize_span_context()` next to it. Much later,

@@ -1,5 +1,6 @@
-# Run: python examples/django_service.py   (then: curl localhost:8001/work, or start
-# examples/fastapi_service.py too, so the call to service A answers)
+# Run: python examples/django_service.py   (it serves on $PORT, 8001 by default; then: curl
+# localhost:8001/work, or start examples/fastapi_service.py too, so the call to A answers)
+# Needs: pip install 'laminar-middleware[django,requests]'
 """Service D: a one-file Django project with the Laminar middleware, calling service A.
 
 `"laminar_middleware.django.LaminarMiddleware"` first in `MIDDLEWARE` is the server's whole

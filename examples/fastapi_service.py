@@ -1,5 +1,6 @@
 # Run: python examples/fastapi_service.py   (then: curl localhost:8000/hello, or start
 # examples/flask_service.py too and: curl localhost:8000/chain)
+# Needs: pip install 'laminar-middleware[fastapi,httpx]' uvicorn
 """Service A: FastAPI with `LaminarASGIMiddleware`, calling service B with httpx.
 
 The middleware opens one SERVER span per request, continuing the caller's

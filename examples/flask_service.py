@@ -1,5 +1,6 @@
 # Run: python examples/flask_service.py   (then: curl localhost:5000/work, or start
 # examples/fastapi_service.py too and: curl localhost:8000/chain)
+# Needs: pip install 'laminar-middleware[flask,requests]'
 """Service B: Flask with `LaminarWSGIMiddleware`, calling service A back with requests.
 
 `app.wsgi_app = LaminarWSGIMiddleware(app.wsgi_app)` is the whole set-up: each request gets

@@ -1,5 +1,6 @@
 # Run: python examples/httpx_client.py [URL]   (start examples/fastapi_service.py first;
 # the default URL is http://127.0.0.1:8000/hello)
+# Needs: pip install 'laminar-middleware[httpx]'
 """Outbound with httpx: the Laminar header on every call made inside a span.
 
 `instrument_httpx(client)` wraps one `httpx.Client` or `httpx.AsyncClient` (its transports);

@@ -1,4 +1,5 @@
 # Run: python examples/queue_worker.py   (self-contained: prints its spans as JSON)
+# Needs: pip install laminar-middleware
 """The queue pattern: a producer puts its span context into a message, a worker continues it.
 
 Run: python examples/queue_worker.py

@@ -1,5 +1,6 @@
 # Run: python examples/requests_client.py [URL]   (start examples/flask_service.py first;
 # the default URL is http://127.0.0.1:5000/work)
+# Needs: pip install 'laminar-middleware[requests]'
 """Outbound with requests: the Laminar header on every call made inside a span.
 
 `instrument_requests(session)` wraps the sending of one `requests.Session` and keeps every

@@ -1,5 +1,6 @@
 # Run: LMNR_PROJECT_API_KEY=<your project key> python examples/send_to_laminar.py
 # (then: curl 'localhost:8000/ask?question=why'; the trace appears in your Laminar project)
+# Needs: pip install 'laminar-middleware[fastapi]' uvicorn lmnr
 """Send the middleware's spans to Laminar with the `lmnr` SDK (`pip install lmnr`).
 
 `Laminar.initialize()` reads the project key from the `LMNR_PROJECT_API_KEY` environment

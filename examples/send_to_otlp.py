@@ -1,5 +1,6 @@
 # Run: OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 python examples/send_to_otlp.py
 # (any OTLP/HTTP backend: an OpenTelemetry Collector, Jaeger, Grafana Tempo, a vendor)
+# Needs: pip install 'laminar-middleware[otlp]'
 """Send the spans to any OTLP backend (`pip install 'laminar-middleware[otlp]'`).
 
 The exporter reads the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (or

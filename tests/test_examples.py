@@ -7,6 +7,7 @@ run as subprocesses against a small recording HTTP server.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import json
@@ -76,6 +77,35 @@ def test_example_starts_with_how_to_run_it(name: str) -> None:
     first = (EXAMPLES / name).read_text().splitlines()[0]
     assert first.startswith("# Run: "), first
     assert f"examples/{name}" in first
+
+
+# What a reader installs for a module an example imports: an extra of ours, or a package.
+INSTALLS = {
+    "aiohttp": "aiohttp",
+    "django": "django",
+    "fastapi": "fastapi",
+    "flask": "flask",
+    "httpx": "httpx",
+    "requests": "requests",
+    "uvicorn": "uvicorn",
+    "lmnr": "lmnr",
+    "opentelemetry.exporter.otlp": "otlp",
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_example_says_what_to_install(name: str) -> None:
+    text = (EXAMPLES / name).read_text()
+    (needs,) = [line for line in text.splitlines() if line.startswith("# Needs: pip install ")]
+    imported = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    for module, install in INSTALLS.items():
+        if any(m == module or m.startswith(module + ".") for m in imported):
+            assert re.search(rf"[\[, ']{install}[\], ']|{install}$", needs), (module, needs)
 
 
 @pytest.mark.parametrize("name", ALL)
