@@ -184,51 +184,56 @@ def _respond(server_request: ServerRequest, response: Any) -> None:
 
 def _stream_inside(server_request: ServerRequest, response: Any) -> None:
     """A streaming response's chunks are made with the span current, as the view's code is
-    (the server iterates them after the middleware returned), and so is a sync generator's
-    close when the server ends the response early. The parts are taken before
+    (the server iterates them after the middleware returned), and so is a sync body's own
+    close. The parts are taken before
     Django maps them to bytes: no reference back to the response, which must stay free of
     cycles. A file streamed by the server's file wrapper is left alone."""
     parts = response._iterator
     if response.is_async:
         response.streaming_content = _async_parts(parts, server_request)
         return
-    # The view's generator is closed by ours, inside the span, rather than by Django's
-    # close() before ours: its `finally` (the client went away) sees what its body saw.
+    # Django closes the view's generator (its `finally` runs when the client went away):
+    # with the span current, as its body ran. In Django's own list, whether or not the
+    # server ever iterated the response.
     close = getattr(parts, "close", None)
-    if close is not None and close in response._resource_closers:
-        response._resource_closers.remove(close)
+    closers = response._resource_closers
+    if close is not None and close in closers:
+        closers[closers.index(close)] = _CloseInside(close, server_request)
     response.streaming_content = _parts(parts, server_request)
 
 
 def _parts(parts: Iterator[Any], server_request: ServerRequest) -> Iterator[Any]:
-    try:
-        while True:
-            # Current while each part is made only: not while the server writes it.
-            tokens = server_request.attach()
-            try:
-                part = next(parts)
-            except StopIteration:
-                return
-            except BaseException as exc:
-                with _FAILED:
-                    server_request.fail(exc)
-                raise
-            finally:
-                server_request.detach(tokens)
-            yield part
-    finally:
-        _close_inside(parts, server_request)
+    while True:
+        # Current while each part is made only: not while the server writes it.
+        tokens = server_request.attach()
+        try:
+            part = next(parts)
+        except StopIteration:
+            return
+        except BaseException as exc:
+            with _FAILED:
+                server_request.fail(exc)
+            raise
+        finally:
+            server_request.detach(tokens)
+        yield part
 
 
-def _close_inside(parts: Iterator[Any], server_request: ServerRequest) -> None:
-    close = getattr(parts, "close", None)
-    if close is None:
-        return
-    tokens = server_request.attach()
-    try:
-        close()
-    finally:
-        server_request.detach(tokens)
+class _CloseInside:
+    """The view's own closer, called with the span current."""
+
+    __slots__ = ("_close", "_request")
+
+    def __init__(self, close: Callable[[], Any], server_request: ServerRequest) -> None:
+        self._close = close
+        self._request = server_request
+
+    def __call__(self) -> None:
+        tokens = self._request.attach()
+        try:
+            self._close()
+        finally:
+            self._request.detach(tokens)
 
 
 async def _async_parts(

@@ -85,6 +85,15 @@ def test_a_stream_closed_early_is_closed_inside_the_span(
     assert span.name == "GET api/stream"
 
 
+def test_a_body_closed_before_it_was_read_is_closed_inside_the_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    django_project.produced.clear()
+    Client().get("/api/closing-stream").close()  # never iterated: the client went away
+    assert django_project.produced == ["closed under GET api/closing-stream"]
+    assert [span.name for span in ours(exporter)] == ["GET api/closing-stream"]
+
+
 def test_a_views_exception_is_recorded_and_djangos_500_is_sent(
     exporter: InMemorySpanExporter,
 ) -> None:

@@ -66,6 +66,25 @@ async def async_stream(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(chunks())
 
 
+class _Parts:
+    """A body that is not a generator: an iterator with a `close()` of its own."""
+
+    def __iter__(self) -> _Parts:
+        return self
+
+    def __next__(self) -> bytes:
+        raise StopIteration
+
+    def close(self) -> None:
+        from opentelemetry import trace
+
+        produced.append(f"closed under {getattr(trace.get_current_span(), 'name', None)}")
+
+
+def closing_stream(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(_Parts())
+
+
 def boom(request: HttpRequest) -> HttpResponse:
     raise ValueError("the view failed")
 
@@ -88,6 +107,7 @@ urlpatterns = [
                 path("async/<int:item_id>", async_item),
                 path("stream", stream),
                 path("async-stream", async_stream),
+                path("closing-stream", closing_stream),
                 path("boom", boom),
             ]
         ),
