@@ -6,6 +6,7 @@ instrumentation, one SERVER span; bad settings never stop a request."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from typing import Any
@@ -92,6 +93,44 @@ def test_a_body_closed_before_it_was_read_is_closed_inside_the_span(
     Client().get("/api/closing-stream").close()  # never iterated: the client went away
     assert django_project.produced == ["closed under GET api/closing-stream"]
     assert [span.name for span in ours(exporter)] == ["GET api/closing-stream"]
+
+
+async def test_an_async_stream_the_client_left_is_closed_inside_the_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """Under ASGI the client goes away while the view awaits its next part (an LLM's next
+    token): Django cancels it there, and its `finally` runs with the span current."""
+    django_project.produced.clear()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/api/async-endless",
+        "raw_path": b"/api/async-endless",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    streaming, asked = asyncio.Event(), []
+
+    async def receive() -> dict[str, Any]:
+        asked.append(True)
+        if len(asked) == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await streaming.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            streaming.set()
+
+    await asyncio.wait_for(asgi_app([OURS])(scope, receive, send), 5)
+    assert django_project.produced == ["closed under GET api/async-endless"]
+    assert [span.name for span in ours(exporter)] == ["GET api/async-endless"]
 
 
 def test_a_views_exception_is_recorded_and_djangos_500_is_sent(

@@ -66,6 +66,21 @@ async def async_stream(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(chunks())
 
 
+async def async_endless(request: HttpRequest) -> StreamingHttpResponse:
+    from opentelemetry import trace
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"token\n"
+                await asyncio.sleep(0.01)
+        finally:  # the client went away
+            current = trace.get_current_span()
+            produced.append(f"closed under {getattr(current, 'name', None)}")
+
+    return StreamingHttpResponse(chunks())
+
+
 class _Parts:
     """A body that is not a generator: an iterator with a `close()` of its own."""
 
@@ -108,6 +123,7 @@ urlpatterns = [
                 path("stream", stream),
                 path("async-stream", async_stream),
                 path("closing-stream", closing_stream),
+                path("async-endless", async_endless),
                 path("boom", boom),
             ]
         ),
