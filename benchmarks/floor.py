@@ -245,3 +245,91 @@ def floor_trace_config(floor: FloorOutbound) -> Any:
     config.on_request_start.append(start)
     config.on_request_end.append(end)
     return config
+
+
+class FloorCelery:
+    """Celery's signals with the floor's spans: a PRODUCER span and the Laminar and W3C
+    headers around each publish, a CONSUMER span (its parent built once, the header not
+    parsed) current while each task runs; the attributes are ours."""
+
+    def __init__(self, tracer: Tracer, remote: LaminarSpanContext) -> None:
+        self.tracer = tracer
+        self.remote = remote
+        self.parent = remote_parent(remote)
+        self.textmap = propagate.get_global_textmap()
+        self.pending: dict[str, Any] = {}
+        self.running: dict[str, tuple[Any, object]] = {}
+
+    def _receivers(self) -> list[tuple[Any, Callable[..., None]]]:
+        from celery import signals
+
+        return [
+            (signals.before_task_publish, self.before_publish),
+            (signals.after_task_publish, self.after_publish),
+            (signals.task_prerun, self.prerun),
+            (signals.task_postrun, self.postrun),
+        ]
+
+    def connect(self) -> None:
+        for signal, receiver in self._receivers():
+            signal.connect(receiver, weak=False, dispatch_uid=f"floor.{receiver.__name__}")
+
+    def disconnect(self) -> None:
+        for signal, receiver in self._receivers():
+            signal.disconnect(receiver, dispatch_uid=f"floor.{receiver.__name__}")
+
+    def before_publish(
+        self, sender: Any = None, headers: Any = None, routing_key: Any = None, **_: Any
+    ) -> None:
+        ctx = otel_context.get_current()
+        parent_attributes: Any = trace.get_current_span(ctx).attributes  # type: ignore[attr-defined]
+        name = f"publish {sender}"
+        path = (*parent_attributes["lmnr.span.path"], name)
+        span = self.tracer.start_span(
+            name,
+            ctx,
+            SpanKind.PRODUCER,
+            {
+                "messaging.system": "celery",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": routing_key,
+                "messaging.message.id": headers["id"],
+                "lmnr.span.path": path,
+            },
+        )
+        span_context = span.get_span_context()
+        ids = (*parent_attributes["lmnr.span.ids_path"], format_uuid(span_context.span_id))
+        span.set_attribute("lmnr.span.ids_path", ids)
+        headers["X-Laminar-Span-Context"] = LaminarSpanContext(
+            span_context.trace_id, span_context.span_id, path, ids
+        ).serialize()
+        self.textmap.inject(headers, trace.set_span_in_context(span, ctx))
+        self.pending[headers["id"]] = span
+
+    def after_publish(self, headers: Any = None, **_: Any) -> None:
+        self.pending.pop(headers["id"]).end()
+
+    def prerun(self, task_id: Any = None, task: Any = None, **_: Any) -> None:
+        name = f"run {task.name}"
+        request = task.request
+        span = self.tracer.start_span(
+            name,
+            self.parent,
+            SpanKind.CONSUMER,
+            {
+                "messaging.system": "celery",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": request.delivery_info["routing_key"],
+                "messaging.message.id": task_id,
+                "celery.retries": request.retries,
+                "lmnr.span.path": (*self.remote.span_path, name),
+            },
+        )
+        ids = (*self.remote.span_ids_path, format_uuid(span.get_span_context().span_id))
+        span.set_attribute("lmnr.span.ids_path", ids)
+        self.running[task_id] = (span, otel_context.attach(trace.set_span_in_context(span)))
+
+    def postrun(self, task_id: Any = None, **_: Any) -> None:
+        span, token = self.running.pop(task_id)
+        otel_context.detach(token)  # type: ignore[arg-type]
+        span.end()

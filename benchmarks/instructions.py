@@ -32,10 +32,11 @@ from run import TARGETS
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("bare", "laminar", "contrib", "floor")
 GROUPS = tuple(TARGETS)
-# The queue groups (queues.py): no floor; contrib has no Dramatiq instrumentation.
+# The queue groups (queues.py): contrib has no Dramatiq instrumentation (nor a floor to
+# compare with contrib).
 QUEUE_VARIANTS = {
-    "celery_publish": ("bare", "laminar", "contrib"),
-    "celery_consume": ("bare", "laminar", "contrib"),
+    "celery_publish": ("bare", "laminar", "contrib", "floor"),
+    "celery_consume": ("bare", "laminar", "contrib", "floor"),
     "dramatiq_publish": ("bare", "laminar"),
     "dramatiq_consume": ("bare", "laminar"),
 }
@@ -126,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def queue_table(counts: dict[tuple[str, str], float]) -> dict[str, dict[str, Any]]:
     print("\nInstructions per message, overhead over bare, thousands (valgrind callgrind)")
-    print(f"{'':17} {'bare':>8} {'laminar':>8} {'contrib':>8} {'ratio':>6} {'target':>6}  result")
+    print(
+        f"{'':17} {'bare':>8} {'laminar':>8} {'contrib':>8} {'ratio':>6} {'target':>6}  result"
+        f"  {'floor':>8} {'floor ratio':>11}"
+    )
     results: dict[str, dict[str, Any]] = {}
     for group, variants in QUEUE_VARIANTS.items():
         bare = counts[(group, "bare")]
@@ -137,9 +141,12 @@ def queue_table(counts: dict[tuple[str, str], float]) -> dict[str, dict[str, Any
             contrib = counts[(group, "contrib")] - bare
             ratio = ours / contrib
             passed = ratio <= QUEUE_TARGET
+            floor = counts[(group, "floor")] - bare
             entry.update(contrib_overhead=contrib, ratio=ratio, target=QUEUE_TARGET, passed=passed)
+            entry.update(floor_overhead=floor, floor_ratio=floor / contrib)
             verdict = "pass" if passed else "FAIL"
-            line += f"{contrib / 1e3:8.0f} {ratio:6.2f} {QUEUE_TARGET:6.2f}  {verdict}"
+            line += f"{contrib / 1e3:8.0f} {ratio:6.2f} {QUEUE_TARGET:6.2f}  {verdict:6}  "
+            line += f"{floor / 1e3:8.0f} {floor / contrib:11.2f}"
         else:
             line += f"{'-':>8} {'-':>6} {'-':>6}  -"
         results[group] = entry

@@ -32,6 +32,7 @@ from typing import Any
 
 from run import (
     LAMINAR_HEADER,
+    REMOTE,
     TRACEPARENT,
     Runner,
     Settings,
@@ -63,12 +64,14 @@ def _celery_app(name: str) -> Any:
 
 
 def _celery_layers(app: Any) -> dict[str, Callable[[], AbstractContextManager[None]]]:
-    """What each variant turns on around its block: nothing, ours, contrib's."""
+    """What each variant turns on around its block: nothing, ours, contrib's, the floor's."""
+    from floor import FloorCelery
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
     from laminar_middleware.celery import instrument_celery, uninstrument_celery
 
     ours_provider, contrib_provider = provider(), provider()
+    floor_receivers = FloorCelery(provider().get_tracer("floor"), REMOTE)
 
     @contextmanager
     def ours() -> Iterator[None]:
@@ -87,7 +90,15 @@ def _celery_layers(app: Any) -> dict[str, Callable[[], AbstractContextManager[No
         finally:
             instrumentor.uninstrument()
 
-    return {"bare": nullcontext, "laminar": ours, "contrib": contrib}
+    @contextmanager
+    def floor() -> Iterator[None]:
+        floor_receivers.connect()
+        try:
+            yield
+        finally:
+            floor_receivers.disconnect()
+
+    return {"bare": nullcontext, "laminar": ours, "contrib": contrib, "floor": floor}
 
 
 def celery_publish_runners() -> dict[str, Runner]:
@@ -236,8 +247,10 @@ def compare_queue(group: str, runners: dict[str, Runner], settings: Settings) ->
         ours, contrib = variants["laminar"]["overhead_us"], variants["contrib"]["overhead_us"]
         ratio = ours / contrib if contrib > 0 else float("inf")
         result.update(ratio=ratio, target=TARGET, passed=ratio <= TARGET)
+        floor = variants["floor"]["overhead_us"]
+        result["floor_ratio"] = floor / contrib if contrib > 0 else float("inf")
     else:
-        result.update(ratio=None, target=None, passed=None)
+        result.update(ratio=None, target=None, passed=None, floor_ratio=None)
     return result
 
 
@@ -245,7 +258,8 @@ def queue_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "",
         "Per-message overhead (variant - bare), median over rounds, microseconds",
-        f"{'':17} {'bare':>9} {'laminar':>9} {'contrib':>9} {'ratio':>7} {'target':>7}  result",
+        f"{'':17} {'bare':>9} {'laminar':>9} {'contrib':>9} {'ratio':>7} {'target':>7}  result"
+        f"  {'floor':>7} {'floor ratio':>11}",
     ]
     for group, r in results.items():
         v = r["variants"]
@@ -253,9 +267,12 @@ def queue_table(results: dict[str, Any]) -> list[str]:
         ratio = f"{r['ratio']:7.2f}" if r["ratio"] is not None else f"{'-':>7}"
         target = f"{r['target']:7.2f}" if r["target"] is not None else f"{'-':>7}"
         verdict = {True: "pass", False: "FAIL", None: "-"}[r["passed"]]
+        floor = f"{v['floor']['overhead_us']:7.1f}" if "floor" in v else f"{'-':>7}"
+        floor_ratio = f"{r['floor_ratio']:11.2f}" if r["floor_ratio"] is not None else f"{'-':>11}"
         lines.append(
             f"{group:17} {v['bare']['median_us']:9.1f} {v['laminar']['overhead_us']:9.1f} "
-            f"{contrib} {ratio} {target}  {verdict}"
+            f"{contrib} {ratio} {target}  {verdict:6}  {floor} {floor_ratio}"
         )
     lines.append("contrib has no Dramatiq instrumentation: its rows have no ratio.")
+    lines.append("floor: the SDK alone, the span, attributes and headers we promise (floor.py).")
     return lines

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Container, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Container, Mapping, MutableMapping
 from typing import Any, Final, NamedTuple, cast
 
 from opentelemetry import context as otel_context
@@ -52,7 +52,7 @@ from ._guard import contained
 from ._http import KNOWN_METHODS, exception_type
 from ._lmnr import active_bridge
 from ._w3c import TRACEPARENT, format_traceparent
-from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid, trusted_context
+from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext
 from .config import (
     ClientRequestHook,
     ClientResponseHook,
@@ -65,11 +65,11 @@ from .config import (
 )
 from .context import (
     ASSOCIATION_PREFIX,
-    SPAN_IDS_PATH,
     SPAN_PATH,
     attributes_of,
     get_tracer,
     laminar_paths,
+    new_span_context,
     request_provider,
     span_context_of,
     warn_if_no_provider,
@@ -433,7 +433,7 @@ class OutboundHook:
         span = self._tracer_for(ctx).start_span(name, ctx, SpanKind.CLIENT, attributes)
         warn_if_no_provider(span)
         try:
-            target = self._name_client_span(span, parent, parent_span_context, paths, associated)
+            target = new_span_context(span, parent, parent_span_context, paths, associated)
         except BaseException:
             span.end()
             raise
@@ -451,39 +451,6 @@ class OutboundHook:
         if bridge is not None:
             return get_tracer(bridge.tracer_provider())
         return self._tracer
-
-    @staticmethod
-    def _name_client_span(
-        span: Span,
-        parent: Span,
-        parent_span_context: trace.SpanContext,
-        parent_paths: tuple[Sequence[str], Sequence[str]] | None,
-        associated: bool,
-    ) -> LaminarSpanContext | None:
-        """The context the header carries: the client span's, with its Laminar path.
-
-        The path went in with the start attributes; the ids path needs the span's id, so it
-        is set here (Laminar's own span processor, on its provider, has already set both,
-        also under a parent without a Laminar path: the header then carries those).
-        """
-        span_context = span.get_span_context()
-        if not span_context.is_valid or span_context.span_id == parent_span_context.span_id:
-            # No SDK (a no-op tracer hands back the parent's context): name the parent.
-            return span_context_of(parent)
-        own: Mapping[str, Any] | None = getattr(span, "attributes", None)
-        if own is None:
-            return span_context_of(span)
-        span_path: Sequence[str] = own.get(SPAN_PATH, ())
-        span_ids_path: Sequence[str] = own.get(SPAN_IDS_PATH, ())
-        if parent_paths is not None and not span_ids_path:
-            span_ids_path = (*parent_paths[1], format_uuid(span_context.span_id))
-            span.set_attribute(SPAN_IDS_PATH, span_ids_path)
-        if associated:
-            return span_context_of(span)
-        # Nothing but ids and paths to carry: no need to scan the attributes.
-        return trusted_context(
-            span_context.trace_id, span_context.span_id, tuple(span_path), tuple(span_ids_path)
-        )
 
     @staticmethod
     def _inject(

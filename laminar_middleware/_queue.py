@@ -40,7 +40,7 @@ from ._guard import contained
 from ._lmnr import LaminarBridge, active_bridge
 from ._server import laminar_remote, remote_span_context
 from ._w3c import TRACEPARENT, TRACESTATE, format_traceparent, sampled_parent
-from .codec import HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid
+from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid
 from .config import TrustOption, TrustPolicy, checked_provider
 from .context import (
     ASSOCIATION_PREFIX,
@@ -50,15 +50,15 @@ from .context import (
     association_attributes,
     attributes_of,
     get_tracer,
-    inject,
     laminar_paths,
+    new_span_context,
     parent_attributes,
     remote_parent_context,
     request_provider,
-    set_path_attributes,
+    span_context_of,
 )
 from .processor import ensure_path_processor
-from .propagator import global_propagator_without_laminar
+from .propagator import global_propagator_without_laminar, propagator_fields
 
 __all__ = ["ConsumerRun", "IncomingMessage", "OutgoingMessage", "QueueTracer", "retry_count"]
 
@@ -114,6 +114,8 @@ class QueueTracer:
         self.system = system
         self._provider = checked_provider(tracer_provider)
         self.trust = trust if isinstance(trust, TrustPolicy) else TrustPolicy(trust)
+        # The provider last given the path processor: asked on every message.
+        self._ready: TracerProvider | None = None
 
     def _tracer(
         self, bridge: LaminarBridge | None, context: Context | None
@@ -126,8 +128,11 @@ class QueueTracer:
             provider = request_provider(context)
             if provider is None and bridge is not None:
                 provider = bridge.tracer_provider()
-        with _ADDING_PROCESSOR:
-            ensure_path_processor(provider)
+        resolved = provider if provider is not None else trace.get_tracer_provider()
+        if resolved is not self._ready:
+            self._ready = resolved
+            with _ADDING_PROCESSOR:
+                ensure_path_processor(resolved)
         return get_tracer(provider), provider
 
     def publish(self, message: OutgoingMessage) -> Span | None:
@@ -139,22 +144,25 @@ class QueueTracer:
         if _is_other_layers(current, SpanKind.PRODUCER):
             # Its Laminar path came from the path processor, as for any span under ours.
             self._tracer(None, None)
-            _write_headers(message.headers, current)
+            _write_headers(message.headers, current, span_context_of(current))
             return None
         name = f"publish {message.task}"
         attributes = self._attributes(message, "send")
         inherited = attributes_of(current)
+        associated = False
         for key, value in inherited.items():
             if key.startswith(ASSOCIATION_PREFIX):
                 attributes[key] = value
-        paths = laminar_paths(current, inherited)
-        parent_path, parent_ids = paths if paths is not None else ((), ())
+                associated = True
+        # A publish outside any Laminar path starts one: it is where the task's trace is.
+        paths = laminar_paths(current, inherited) or ((), ())
+        attributes[SPAN_PATH] = (*paths[0], name)
         context = otel_context.get_current()
         tracer, _ = self._tracer(active_bridge(), context)
         span = tracer.start_span(name, context, SpanKind.PRODUCER, attributes)
         try:
-            set_path_attributes(span, name, parent_path, parent_ids)
-            _write_headers(message.headers, span)
+            target = new_span_context(span, current, current.get_span_context(), paths, associated)
+            _write_headers(message.headers, span, target)
         except BaseException:
             span.end()
             raise
@@ -189,10 +197,12 @@ class QueueTracer:
                 if key.startswith(ASSOCIATION_PREFIX):
                     attributes[key] = value
             parent_path, parent_ids = laminar_paths(current, inherited) or ((), ())
+        attributes[SPAN_PATH] = (*parent_path, name)
         tracer, provider = self._tracer(bridge, parent)
         span = tracer.start_span(name, parent, SpanKind.CONSUMER, attributes, links)
         try:
-            set_path_attributes(span, name, parent_path, parent_ids)
+            ids = (*parent_ids, format_uuid(span.get_span_context().span_id))
+            span.set_attribute(SPAN_IDS_PATH, ids)
         except BaseException:
             span.end()
             raise
@@ -273,8 +283,12 @@ def retry_count(value: object) -> int:
     return min(value, 1 << 31) if type(value) is int and value >= 0 else 0
 
 
+_NAME_LENGTHS: Final = frozenset(len(name) for name in HEADER_NAMES_LOWER)
+
+
 def _is_laminar_key(key: object) -> bool:
-    return isinstance(key, str) and key.lower() in HEADER_NAMES_LOWER
+    # A message has a score of headers: the length rules out nearly all before lower().
+    return isinstance(key, str) and len(key) in _NAME_LENGTHS and key.lower() in HEADER_NAMES_LOWER
 
 
 def _values(headers: Mapping[str, Any], name: str) -> list[Any]:
@@ -283,12 +297,18 @@ def _values(headers: Mapping[str, Any], name: str) -> list[Any]:
     return [] if value is None else [value]
 
 
-def _write_headers(headers: MutableMapping[str, Any], span: Span) -> None:
-    inject(headers, span, overwrite=True)
+def _write_headers(
+    headers: MutableMapping[str, Any], span: Span, target: LaminarSpanContext | None
+) -> None:
+    # Copied from another message (a retry copies the running task's headers), a value
+    # already there is stale: replaced, never kept, and the W3C fields would pile up or win.
+    for key in [k for k in headers if _is_laminar_key(k)]:
+        del headers[key]
+    if target is not None:
+        headers[HEADER_NAME] = target.serialize()
     textmap = global_propagator_without_laminar()
     with _INJECTING:
-        # Copied from another message, the W3C fields (and baggage) would pile up or win.
-        for field in (TRACEPARENT, *(textmap.fields if textmap is not None else ())):
+        for field in (TRACEPARENT, *propagator_fields(textmap)):
             headers.pop(field, None)
         if textmap is not None:
             textmap.inject(headers, trace.set_span_in_context(span))

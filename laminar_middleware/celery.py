@@ -38,6 +38,7 @@ from ._guard import contained, log_bad_setting
 from ._queue import ConsumerRun, IncomingMessage, OutgoingMessage, QueueTracer, retry_count
 from .codec import HEADER_NAME, HEADER_NAME_ALIAS
 from .config import TrustOption, tolerant_options
+from .propagator import global_propagator_without_laminar, propagator_fields
 
 __all__ = ["instrument_celery", "uninstrument_celery"]
 
@@ -65,13 +66,14 @@ class _State:
     def for_name(self, name: str) -> QueueTracer | None:
         if self.everywhere is not None:
             return self.everywhere
+        apps = list(self.apps.items())
+        for app, tracer in apps:
+            if name in app._tasks:
+                return tracer
         from celery import current_app
 
         current = current_app._get_current_object()
-        for app, tracer in list(self.apps.items()):
-            if name in app._tasks or app is current:
-                return tracer
-        return None
+        return next((tracer for app, tracer in apps if app is current), None)
 
 
 _state = _State()
@@ -148,8 +150,11 @@ def _contrib_runs_after(signal: Any, receiver: Any) -> bool:
     if "opentelemetry.instrumentation.celery" not in sys.modules:
         return False
     uid = _uid(receiver)
+    receivers = signal.receivers
+    if not receivers or receivers[-1][0][0] == uid:
+        return False  # ours is last (where it moves to): nothing runs after it
     ours = contrib = -1
-    for index, (key, target) in enumerate(list(signal.receivers)):
+    for index, (key, target) in enumerate(list(receivers)):
         if key[0] == uid:
             ours = index
         elif type(getattr(target, "__self__", None)).__name__ == "CeleryInstrumentor":
@@ -231,10 +236,8 @@ def _headers_of(request: Any) -> dict[str, Any]:
     and also as attributes of the request, which win (they are the message's own)."""
     found = getattr(request, "headers", None)
     headers: dict[str, Any] = dict(found) if isinstance(found, dict) else {}
-    from .propagator import global_propagator_without_laminar
-
-    textmap = global_propagator_without_laminar()
-    names = (HEADER_NAME, HEADER_NAME_ALIAS, *(textmap.fields if textmap is not None else ()))
+    fields = propagator_fields(global_propagator_without_laminar())
+    names = (HEADER_NAME, HEADER_NAME_ALIAS, *fields)
     for name in names:
         value = getattr(request, name, None)
         if isinstance(value, str):

@@ -32,7 +32,14 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
-from .codec import HEADER_NAME, HEADER_NAMES_LOWER, LaminarSpanContext, format_uuid, thaw
+from .codec import (
+    HEADER_NAME,
+    HEADER_NAMES_LOWER,
+    LaminarSpanContext,
+    format_uuid,
+    thaw,
+    trusted_context,
+)
 from .config import tolerant_options
 
 __all__ = [
@@ -351,6 +358,40 @@ def span_context_of(span: Span | None = None) -> LaminarSpanContext | None:
         session_id=None if session_id is None else str(session_id),
         trace_type=attributes.get(TRACE_TYPE),
         metadata=metadata,
+    )
+
+
+def new_span_context(
+    span: Span,
+    parent: Span,
+    parent_span_context: SpanContext,
+    parent_paths: tuple[Sequence[str], Sequence[str]] | None,
+    associated: bool,
+) -> LaminarSpanContext | None:
+    """What a header names for a span just started under `parent`, its Laminar path (the
+    parent's plus its name) already a start attribute: its ids path needs the span's id, so
+    it is set here, and `associated` says whether the span took association properties.
+
+    Laminar's own span processor, on its provider, has already set both paths (also under a
+    parent without a Laminar path): the header then carries those.
+    """
+    span_context = span.get_span_context()
+    if not span_context.is_valid or span_context.span_id == parent_span_context.span_id:
+        # No SDK (a no-op tracer hands back the parent's context): name the parent.
+        return span_context_of(parent)
+    own: Mapping[str, Any] | None = getattr(span, "attributes", None)
+    if own is None:
+        return span_context_of(span)
+    span_path: Sequence[str] = own.get(SPAN_PATH, ())
+    span_ids_path: Sequence[str] = own.get(SPAN_IDS_PATH, ())
+    if parent_paths is not None and not span_ids_path:
+        span_ids_path = (*parent_paths[1], format_uuid(span_context.span_id))
+        span.set_attribute(SPAN_IDS_PATH, span_ids_path)
+    if associated:
+        return span_context_of(span)
+    # Nothing but ids and paths to carry: no need to scan the attributes.
+    return trusted_context(
+        span_context.trace_id, span_context.span_id, tuple(span_path), tuple(span_ids_path)
     )
 
 

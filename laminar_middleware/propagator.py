@@ -152,6 +152,20 @@ def global_propagator_without_laminar() -> TextMapPropagator | None:
     return filtered
 
 
+_fields: tuple[object, tuple[str, ...]] = (None, ())
+
+
+def propagator_fields(textmap: TextMapPropagator | None) -> tuple[str, ...]:
+    """The fields a propagator writes (none for None), read once per propagator: a
+    composite propagator builds its set anew on each read."""
+    global _fields
+    seen, fields = _fields
+    if seen is not textmap:
+        fields = () if textmap is None else tuple(textmap.fields)
+        _fields = (textmap, fields)
+    return fields
+
+
 def _without_laminar(textmap: TextMapPropagator) -> TextMapPropagator | None:
     # OpenTelemetry's own W3C propagator (exactly that class: a subclass is someone's
     # choice) is swapped for the strict one, so the W3C headers follow the Recommendation.

@@ -67,12 +67,14 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     }
     for group, section in queues.items():
         engine = group.split()[0]
-        expected = {"bare", "laminar", "contrib"} if engine == "celery" else {"bare", "laminar"}
+        celery = {"bare", "laminar", "contrib", "floor"}
+        expected = celery if engine == "celery" else {"bare", "laminar"}
         assert set(section["variants"]) == expected
         assert section["variants"]["bare"]["median_us"] > 0
         assert isinstance(section["variants"]["laminar"]["overhead_us"], float)
         if engine == "celery":
             assert isinstance(section["ratio"], float) and isinstance(section["passed"], bool)
+            assert isinstance(section["floor_ratio"], float)
         else:
             assert section["ratio"] is None and section["passed"] is None
 
@@ -177,6 +179,30 @@ def test_the_queue_benchmarks_measure_real_spans(
             assert span.context is not None and span.context.trace_id == run.TRACE_ID, variant
         if variant == "laminar":
             assert all("lmnr.span.path" in (s.attributes or {}) for s in spans)
+
+
+@pytest.mark.parametrize(
+    ("group", "kind"), [("celery_publish", "PRODUCER"), ("celery_consume", "CONSUMER")]
+)
+def test_the_queue_floor_records_the_same_span_as_ours(
+    group: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Celery floor is a fair bound only if it records what we record: per message one
+    span of the same name, kind and attribute keys, in the caller's trace, and (publish) the
+    same headers on the message."""
+    run, queues, _, exporter = benchmark_modules(monkeypatch)
+    runners = getattr(queues, f"{group}_runners")()
+    recorded = {}
+    for variant in ("laminar", "floor"):
+        exporter.clear()
+        runners[variant](3)
+        recorded[variant] = [s for s in exporter.get_finished_spans() if s.kind.name == kind]
+    ours, floor = recorded["laminar"], recorded["floor"]
+    assert len(ours) == len(floor) == 3
+    assert {s.name for s in floor} == {s.name for s in ours}
+    assert sorted(floor[0].attributes or {}) == sorted(ours[0].attributes or {})
+    assert all(s.context is not None and s.context.trace_id == run.TRACE_ID for s in floor)
+    assert floor[0].attributes["lmnr.span.path"] == ours[0].attributes["lmnr.span.path"]
 
 
 @pytest.mark.parametrize(
