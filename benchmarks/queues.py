@@ -7,7 +7,8 @@ their instructions. Each engine runs on its own in-memory transport, with no bro
   function a worker runs for each message (`celery.app.trace.build_tracer`), given the
   request a worker builds from a message that carries both a Laminar header and a
   `traceparent` (each variant continues the header it knows). Bare, with
-  `instrument_celery(app)`, and with contrib's `CeleryInstrumentor`.
+  `instrument_celery(app)`, with contrib's `CeleryInstrumentor`, and the floor (`floor.py`:
+  the SDK's span and headers alone).
 - Dramatiq (`StubBroker`): publish is `actor.send()` inside a span; consume is what
   Dramatiq's worker thread does for a message (the `process_message` hooks around the
   actor's function). Bare and with `LaminarMiddleware`; contrib has no Dramatiq
