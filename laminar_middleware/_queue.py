@@ -20,7 +20,7 @@ arguments: those show up in worker logs and task results.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Final, NamedTuple
 
 from opentelemetry import context as otel_context
@@ -64,6 +64,7 @@ __all__ = ["ConsumerRun", "IncomingMessage", "OutgoingMessage", "QueueTracer", "
 
 _ROOT: Final = Context()
 _INJECTING: Final = contained("the global OpenTelemetry propagator's inject")
+_SERIALIZING: Final = contained("the message's Laminar header")
 _EXTRACTING: Final = contained("the global OpenTelemetry propagator's extract")
 _ADDING_PROCESSOR: Final = contained("adding the Laminar path processor")
 
@@ -130,9 +131,9 @@ class QueueTracer:
                 provider = bridge.tracer_provider()
         resolved = provider if provider is not None else trace.get_tracer_provider()
         if resolved is not self._ready:
-            self._ready = resolved
             with _ADDING_PROCESSOR:
                 ensure_path_processor(resolved)
+            self._ready = resolved
         return get_tracer(provider), provider
 
     def publish(self, message: OutgoingMessage) -> Span | None:
@@ -144,7 +145,7 @@ class QueueTracer:
         if _is_other_layers(current, SpanKind.PRODUCER):
             # Its Laminar path came from the path processor, as for any span under ours.
             self._tracer(None, None)
-            _write_headers(message.headers, current, span_context_of(current))
+            _write_headers(message.headers, current, _header_value(span_context_of, current))
             return None
         name = f"publish {message.task}"
         attributes = self._attributes(message, "send")
@@ -161,8 +162,10 @@ class QueueTracer:
         tracer, _ = self._tracer(active_bridge(), context)
         span = tracer.start_span(name, context, SpanKind.PRODUCER, attributes)
         try:
-            target = new_span_context(span, current, current.get_span_context(), paths, associated)
-            _write_headers(message.headers, span, target)
+            value = _header_value(
+                new_span_context, span, current, current.get_span_context(), paths, associated
+            )
+            _write_headers(message.headers, span, value)
         except BaseException:
             span.end()
             raise
@@ -297,15 +300,22 @@ def _values(headers: Mapping[str, Any], name: str) -> list[Any]:
     return [] if value is None else [value]
 
 
-def _write_headers(
-    headers: MutableMapping[str, Any], span: Span, target: LaminarSpanContext | None
-) -> None:
+def _header_value(make: Callable[..., LaminarSpanContext | None], *args: Any) -> str | None:
+    # The span's attributes are anyone's (hostile metadata): a failure means no Laminar
+    # header, while the stale one is still removed and the W3C headers still written.
+    with _SERIALIZING:
+        target = make(*args)
+        return None if target is None else target.serialize()
+    return None
+
+
+def _write_headers(headers: MutableMapping[str, Any], span: Span, value: str | None) -> None:
     # Copied from another message (a retry copies the running task's headers), a value
     # already there is stale: replaced, never kept, and the W3C fields would pile up or win.
     for key in [k for k in headers if _is_laminar_key(k)]:
         del headers[key]
-    if target is not None:
-        headers[HEADER_NAME] = target.serialize()
+    if value is not None:
+        headers[HEADER_NAME] = value
     textmap = global_propagator_without_laminar()
     with _INJECTING:
         for field in (TRACEPARENT, *propagator_fields(textmap)):

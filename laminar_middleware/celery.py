@@ -66,14 +66,19 @@ class _State:
     def for_name(self, name: str) -> QueueTracer | None:
         if self.everywhere is not None:
             return self.everywhere
-        apps = list(self.apps.items())
-        for app, tracer in apps:
-            if name in app._tasks:
-                return tracer
         from celery import current_app
 
+        # The current app when it knows the task, else an app that does, else the current
+        # app (a send_task by a name no app registers).
         current = current_app._get_current_object()
-        return next((tracer for app, tracer in apps if app is current), None)
+        apps = self.apps
+        tracer = apps.get(current)
+        if tracer is not None and name in current._tasks:
+            return tracer
+        for app, other in list(apps.items()):
+            if name in app._tasks:
+                return other
+        return tracer
 
 
 _state = _State()
@@ -151,7 +156,8 @@ def _contrib_runs_after(signal: Any, receiver: Any) -> bool:
         return False
     uid = _uid(receiver)
     receivers = signal.receivers
-    if not receivers or receivers[-1][0][0] == uid:
+    last = receivers[-1:]
+    if not last or last[0][0][0] == uid:
         return False  # ours is last (where it moves to): nothing runs after it
     ours = contrib = -1
     for index, (key, target) in enumerate(list(receivers)):

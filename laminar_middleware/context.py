@@ -32,6 +32,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
+from ._lmnr import active_bridge
 from .codec import (
     HEADER_NAME,
     HEADER_NAMES_LOWER,
@@ -373,8 +374,10 @@ def new_span_context(
     it is set here, and `associated` says whether the span took association properties.
 
     Laminar's own span processor, on its provider, has already set both paths (also under a
-    parent without a Laminar path): the header then carries those.
+    parent without a Laminar path) and may have added association properties from its own
+    context: while its SDK is active the header is read from the span's attributes.
     """
+
     span_context = span.get_span_context()
     if not span_context.is_valid or span_context.span_id == parent_span_context.span_id:
         # No SDK (a no-op tracer hands back the parent's context): name the parent.
@@ -387,7 +390,7 @@ def new_span_context(
     if parent_paths is not None and not span_ids_path:
         span_ids_path = (*parent_paths[1], format_uuid(span_context.span_id))
         span.set_attribute(SPAN_IDS_PATH, span_ids_path)
-    if associated:
+    if associated or active_bridge() is not None:
         return span_context_of(span)
     # Nothing but ids and paths to carry: no need to scan the attributes.
     return trusted_context(

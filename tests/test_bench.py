@@ -188,8 +188,7 @@ def test_the_queue_floor_records_the_same_span_as_ours(
     group: str, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Celery floor is a fair bound only if it records what we record: per message one
-    span of the same name, kind and attribute keys, in the caller's trace, and (publish) the
-    same headers on the message."""
+    span of the same name, kind and attribute keys, in the caller's trace."""
     run, queues, _, exporter = benchmark_modules(monkeypatch)
     runners = getattr(queues, f"{group}_runners")()
     recorded = {}

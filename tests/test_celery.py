@@ -491,3 +491,83 @@ def test_a_task_run_in_process_stays_in_the_callers_trace(
     attributes = dict(run.attributes or {})
     assert attributes["lmnr.span.path"] == ("caller", "handler", "run tests.add")
     assert attributes["lmnr.association.properties.user_id"] == "user-7"
+
+
+def test_a_header_that_cannot_be_built_still_leaves_no_stale_context_in_a_message(
+    caller: LaminarSpanContext, app: Any, exporter: InMemorySpanExporter
+) -> None:
+    # A retry's message carries the running task's headers; here the caller's span also
+    # holds metadata too deep to carry, so no Laminar header can be written for it.
+    from celery import signals
+    from support.celery_app import add
+
+    sent: list[dict[str, Any]] = []
+
+    def record(headers: Any = None, **_: Any) -> None:
+        sent.append(dict(headers))
+
+    stale = {
+        "X-Laminar-Span-Context": random_caller().serialize(),
+        "traceparent": f"00-{'1' * 32}-{'2' * 16}-01",
+    }
+    signals.after_task_publish.connect(record, weak=False)
+    try:
+        with continue_trace(caller.serialize(), "handler") as handler:
+            handler.set_attribute(
+                "lmnr.association.properties.metadata.deep", "[" * 900 + "]" * 900
+            )
+            add.apply_async((1, 2), headers=dict(stale))
+    finally:
+        signals.after_task_publish.disconnect(record)
+    (headers,) = sent
+    (publish,) = [s for s in exporter.get_finished_spans() if s.kind.name == "PRODUCER"]
+    assert publish.context is not None
+    assert headers["traceparent"] == (
+        f"00-{publish.context.trace_id:032x}-{publish.context.span_id:016x}-01"
+    )
+    assert not [k for k in headers if k.lower() == "x-laminar-span-context"]
+
+
+def _add(x: int, y: int) -> int:
+    return x + y
+
+
+def _nothing() -> None:
+    return None
+
+
+def test_with_two_instrumented_apps_a_message_counts_as_the_app_that_knows_its_task(
+    caller: LaminarSpanContext,
+) -> None:
+    from celery import Celery, current_app
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    apps: list[Any] = []
+    exporters: list[InMemorySpanExporter] = []
+    for name in ("first", "second"):
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        app = Celery(name, broker="memory://", set_as_current=False)
+        app.task(name="both.add", shared=False)(_add)
+        instrument_celery(app, tracer_provider=provider)
+        apps.append(app)
+        exporters.append(exporter)
+    first, second = apps
+    second.task(name="second.only", shared=False)(_nothing)
+    for app in apps:
+        app.finalize()
+    previous = current_app._get_current_object()
+    first.set_current()
+    try:
+        with continue_trace(caller.serialize(), "handler"):
+            first.send_task("both.add", (1, 2))  # both know it: the current app's
+            first.send_task("second.only")  # only the second knows it
+            first.send_task("nobody.knows")  # no app knows it: the current app's
+    finally:
+        previous.set_current()
+        for app in apps:
+            uninstrument_celery(app)
+    names = [sorted(s.name for s in e.get_finished_spans()) for e in exporters]
+    assert names == [["publish both.add", "publish nobody.knows"], ["publish second.only"]]

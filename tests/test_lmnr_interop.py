@@ -175,3 +175,40 @@ def test_under_a_parent_without_paths_the_header_carries_the_client_spans_own(
     if run["mode"] == "lmnr":
         assert read["span_path"] == ["GET"]
         assert read["span_ids_path"] == [format_uuid(client["span_id"])]
+
+
+_PUBLISH_UNDER_LAMINARS_SESSION = """
+import json
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from lmnr import Laminar
+from lmnr.opentelemetry_lib.tracing import init_tracing
+init_tracing(exporter=InMemorySpanExporter(), disable_batch=True, instruments=set(),
+             set_global_tracer_provider=False)
+Laminar.initialize(project_api_key="offline-test", instruments=set())
+from laminar_middleware._queue import OutgoingMessage, QueueTracer
+headers = {}
+with Laminar.start_as_current_span("handler", user_id="u1", session_id="s1"):
+    # A span of another provider: it carries nothing, Laminar's context does.
+    with TracerProvider().get_tracer("plain").start_as_current_span("plain"):
+        span = QueueTracer("celery").publish(OutgoingMessage("t", "q", "id-1", headers))
+        span.end()
+print(json.dumps({"header": headers.get("X-Laminar-Span-Context"),
+                  "span": {k: v for k, v in span.attributes.items() if "association" in k}}))
+"""
+
+
+def test_a_publish_header_carries_the_session_laminars_sdk_gave_its_span() -> None:
+    # Laminar's span processor puts the user and session of its own context on the span at
+    # start; the header must carry what the span carries.
+    done = subprocess.run(
+        [sys.executable, "-c", _PUBLISH_UNDER_LAMINARS_SESSION],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["span"]["lmnr.association.properties.user_id"] == "u1"
+    header = json.loads(result["header"])
+    assert header["user_id"] == "u1" and header["session_id"] == "s1"
