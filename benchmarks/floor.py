@@ -120,6 +120,22 @@ class FloorASGI:
         span.end()
 
 
+def name_in_headers(
+    span: Any, ctx: Any, parent_attributes: Any, path: Any, headers: Any, textmap: Any
+) -> otel_context.Context:
+    """A just-started outbound span's ids path, and the Laminar and W3C headers naming it;
+    returns the context with the span current."""
+    span_context = span.get_span_context()
+    ids = (*parent_attributes["lmnr.span.ids_path"], format_uuid(span_context.span_id))
+    span.set_attribute("lmnr.span.ids_path", ids)
+    headers["X-Laminar-Span-Context"] = LaminarSpanContext(
+        span_context.trace_id, span_context.span_id, path, ids
+    ).serialize()
+    inner = trace.set_span_in_context(span, ctx)
+    textmap.inject(headers, inner)
+    return inner
+
+
 class FloorOutbound:
     """The client side: a CLIENT span, the Laminar header and the W3C headers."""
 
@@ -146,14 +162,7 @@ class FloorOutbound:
                 "lmnr.span.path": path,
             },
         )
-        span_context = span.get_span_context()
-        ids = (*parent_attributes["lmnr.span.ids_path"], format_uuid(span_context.span_id))
-        span.set_attribute("lmnr.span.ids_path", ids)
-        headers["X-Laminar-Span-Context"] = LaminarSpanContext(
-            span_context.trace_id, span_context.span_id, path, ids
-        ).serialize()
-        inner = trace.set_span_in_context(span, ctx)
-        self.textmap.inject(headers, inner)
+        inner = name_in_headers(span, ctx, parent_attributes, path, headers, self.textmap)
         return span, otel_context.attach(inner)
 
     @staticmethod
@@ -297,13 +306,7 @@ class FloorCelery:
                 "lmnr.span.path": path,
             },
         )
-        span_context = span.get_span_context()
-        ids = (*parent_attributes["lmnr.span.ids_path"], format_uuid(span_context.span_id))
-        span.set_attribute("lmnr.span.ids_path", ids)
-        headers["X-Laminar-Span-Context"] = LaminarSpanContext(
-            span_context.trace_id, span_context.span_id, path, ids
-        ).serialize()
-        self.textmap.inject(headers, trace.set_span_in_context(span, ctx))
+        name_in_headers(span, ctx, parent_attributes, path, headers, self.textmap)
         self.pending[headers["id"]] = span
 
     def after_publish(self, headers: Any = None, **_: Any) -> None:
